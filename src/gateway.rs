@@ -1,0 +1,194 @@
+//! The public listener: the WebSocket upgrade (at `/ws` and `/`), the demo page, the browser
+//! client `/pushnode.js`, and the demo helper routes when `demo.enabled`.
+//!
+//! Every check happens before the 101: draining (503), origin (403), authentication (401), the
+//! node's connection limit (503) and the user's (429). Only then is the connection upgraded
+//! and handed to a [`session`](crate::session) task on the node's tracker.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::debug;
+
+use crate::auth::{AuthError, bearer};
+use crate::channel::valid_name;
+use crate::metrics as m;
+use crate::node::Node;
+use crate::protocol::{Envelope, Format};
+use crate::session;
+
+const DEMO_PAGE: &str = include_str!("assets/demo.html");
+const INDEX_PAGE: &str = include_str!("assets/index.html");
+const CLIENT_JS: &str = include_str!("assets/pushnode.js");
+/// Lifetime of tokens minted by the demo route.
+const DEMO_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+pub fn router(node: Node) -> Router {
+    let mut router = Router::new()
+        .route("/", get(index))
+        .route("/ws", get(upgrade))
+        .route("/pushnode.js", get(client_js));
+    if node.settings().demo.enabled {
+        router = router.route("/demo/token", get(demo_token)).route("/demo/send", post(demo_send));
+    }
+    router.with_state(node)
+}
+
+/// Connection parameters in the upgrade URL.
+#[derive(Debug, Deserialize, Default)]
+pub struct ConnectQuery {
+    token: Option<String>,
+    /// Insecure mode only.
+    uid: Option<String>,
+    /// `json` (default from `session.default_format`) or `raw`.
+    format: Option<String>,
+}
+
+async fn index(node: State<Node>, query: Query<ConnectQuery>, req: Request) -> Response {
+    if is_upgrade(req.headers()) {
+        return upgrade(node, query, req).await;
+    }
+    if node.settings().demo.enabled { Html(DEMO_PAGE).into_response() } else { Html(INDEX_PAGE).into_response() }
+}
+
+async fn client_js() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], CLIENT_JS)
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    let has = |name, token: &str| {
+        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+            v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token))
+        })
+    };
+    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
+}
+
+fn reject(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Response {
+    metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+    let mut response = (status, Json(json!({ "error": message.into() }))).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
+}
+
+async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mut req: Request) -> Response {
+    let started = Instant::now();
+    let headers = req.headers();
+    if !is_upgrade(headers) {
+        return reject(StatusCode::UPGRADE_REQUIRED, "not_websocket", "expected a WebSocket upgrade");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return reject(StatusCode::BAD_REQUEST, "bad_handshake", "Sec-WebSocket-Version must be 13");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return reject(StatusCode::BAD_REQUEST, "bad_handshake", "missing Sec-WebSocket-Key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    if node.is_draining() {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down; retry");
+    }
+    let auth = node.auth();
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if let Err(e) = auth.check_origin(origin) {
+        return reject(StatusCode::FORBIDDEN, e.label(), e.to_string());
+    }
+    let header_token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+    let token = query.token.as_deref().or(header_token);
+    let identity = match auth.authenticate(token, query.uid.as_deref()) {
+        Ok(identity) => identity,
+        Err(e @ AuthError::BadUser) => return reject(StatusCode::BAD_REQUEST, e.label(), e.to_string()),
+        Err(e) => return reject(StatusCode::UNAUTHORIZED, e.label(), e.to_string()),
+    };
+    let format = match query.format.as_deref() {
+        None => node.settings().session.default_format,
+        Some(f) => match Format::parse(f) {
+            Some(format) => format,
+            None => return reject(StatusCode::BAD_REQUEST, "bad_format", "format must be json or raw"),
+        },
+    };
+    let Some(admission) = node.admit() else {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "node_full", "node at its connection limit; retry another");
+    };
+    if node.hub().sessions_of(&identity.user) >= node.settings().limits.max_connections_per_user {
+        return reject(StatusCode::TOO_MANY_REQUESTS, "user_limit", "too many connections for this user");
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let config = ws_config(&node);
+    let ctx = node.sessions().clone();
+    node.tracker().spawn(async move {
+        let _admission = admission;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                session::run(ws, ctx, identity, format).await;
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+
+    metrics::histogram!(m::HANDSHAKE_DURATION).record(started.elapsed().as_secs_f64());
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}
+
+fn ws_config(node: &Node) -> WebSocketConfig {
+    let session = &node.settings().session;
+    let max_frame = node.settings().limits.max_frame_bytes;
+    WebSocketConfig::default()
+        .read_buffer_size(session.read_buffer_bytes)
+        .write_buffer_size(session.write_buffer_bytes)
+        // Past this, writes fail rather than buffer without bound.
+        .max_write_buffer_size(session.write_buffer_bytes + node.settings().limits.max_publish_bytes * 2)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+#[derive(Debug, Deserialize)]
+struct DemoUser {
+    user: String,
+}
+
+/// Demo only: mints a token for any user, so the demo page can connect.
+async fn demo_token(State(node): State<Node>, Query(q): Query<DemoUser>) -> Response {
+    match node.auth().issue(&q.user, DEMO_TOKEN_TTL, vec!["demo".into()]) {
+        Ok(token) => Json(json!({ "user": q.user, "token": token })).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+}
+
+/// Demo only: sends the user a test notification through the broker.
+async fn demo_send(State(node): State<Node>, Json(q): Json<DemoUser>) -> Response {
+    if !valid_name(&q.user) {
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": AuthError::BadUser.to_string() }))).into_response();
+    }
+    let id = node.hub().next_message_id();
+    let data = json!({ "title": "Test notification", "body": format!("Hello, user {}!", q.user) });
+    let data = serde_json::value::to_raw_value(&data).unwrap_or_default();
+    let payload: Bytes = Envelope::new(&id, Some("demo"), &data).encode();
+    match node.broker().publish(&node.names().user(&q.user), payload).await {
+        Ok(()) => Json(json!({ "id": id })).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+}

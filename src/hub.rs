@@ -1,0 +1,338 @@
+//! The local registry: which sessions live on this node, and which of them listen to which
+//! broker channel. [`Hub::deliver`] fans one message out to them.
+//!
+//! The hub never awaits and does no I/O: delivery pushes into each session's bounded
+//! [`Outbox`] and returns. It also records which channels gained their first or lost their last
+//! local listener ("interest changes"), which a broker drains to SUBSCRIBE/UNSUBSCRIBE; the hub
+//! itself knows nothing of Redis.
+//!
+//! Locking: every map is a `DashMap`; no guard is held across an await (there are none here)
+//! or while touching the same map again.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::Notify;
+
+use crate::metrics as m;
+use crate::outbox::{Outbox, Outgoing, PushError};
+use crate::protocol::{Delivery, Format};
+
+pub type SessionId = u64;
+
+/// What the hub knows of a session: enough to deliver to it and to close it.
+#[derive(Debug)]
+pub struct Subscriber {
+    pub id: SessionId,
+    pub user: Arc<str>,
+    pub format: Format,
+    pub outbox: Outbox,
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    /// Topic name for topic channels (goes into the notification's `channel` field).
+    topic: Option<Arc<str>>,
+    sessions: Vec<Arc<Subscriber>>,
+}
+
+/// Result of one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    pub delivered: usize,
+    pub dropped: usize,
+}
+
+/// The user already has the maximum number of sessions on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("user has too many sessions on this node")]
+pub struct TooManySessions;
+
+#[derive(Clone, Debug)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    channels: DashMap<Arc<str>, Channel>,
+    sessions: DashMap<SessionId, Arc<Subscriber>>,
+    users: DashMap<Arc<str>, usize>,
+    /// Channels whose local interest changed since a broker last looked; `None` when no broker
+    /// consumes them (the memory broker), so the set cannot grow unread.
+    interest: Option<Interest>,
+    node_id: Arc<str>,
+    next_session: AtomicU64,
+    next_message: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Interest {
+    changed: Mutex<HashSet<Arc<str>>>,
+    notify: Notify,
+}
+
+impl Hub {
+    /// `track_interest` is true when a broker subscribes channels on demand.
+    pub fn new(node_id: impl Into<Arc<str>>, track_interest: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                channels: DashMap::new(),
+                sessions: DashMap::new(),
+                users: DashMap::new(),
+                interest: track_interest.then(Interest::default),
+                node_id: node_id.into(),
+                next_session: AtomicU64::new(1),
+                next_message: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn next_session_id(&self) -> SessionId {
+        self.inner.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A node-unique message id, for messages that arrive without one.
+    pub fn next_message_id(&self) -> String {
+        let seq = self.inner.next_message.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{seq}", self.inner.node_id)
+    }
+
+    /// Adds a session, unless its user already has `max_per_user` sessions here.
+    pub fn register(&self, subscriber: Arc<Subscriber>, max_per_user: usize) -> Result<(), TooManySessions> {
+        match self.inner.users.entry(subscriber.user.clone()) {
+            Entry::Occupied(mut e) => {
+                if *e.get() >= max_per_user {
+                    return Err(TooManySessions);
+                }
+                *e.get_mut() += 1;
+            }
+            Entry::Vacant(e) => {
+                e.insert(1);
+            }
+        }
+        self.inner.sessions.insert(subscriber.id, subscriber);
+        self.record_sizes();
+        Ok(())
+    }
+
+    /// Removes a session. Its channels must have been left first ([`Hub::leave`]).
+    pub fn unregister(&self, subscriber: &Subscriber) {
+        self.inner.sessions.remove(&subscriber.id);
+        if let Entry::Occupied(mut e) = self.inner.users.entry(subscriber.user.clone()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        self.record_sizes();
+    }
+
+    fn record_sizes(&self) {
+        metrics::gauge!(m::CONNECTIONS).set(self.inner.sessions.len() as f64);
+        metrics::gauge!(m::USERS).set(self.inner.users.len() as f64);
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.inner.sessions.len()
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.inner.users.len()
+    }
+
+    pub fn sessions_of(&self, user: &str) -> usize {
+        self.inner.users.get(user).map_or(0, |n| *n)
+    }
+
+    /// Every live session, for a paced drain.
+    pub fn sessions(&self) -> Vec<Arc<Subscriber>> {
+        self.inner.sessions.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Adds `subscriber` to `channel`.
+    pub fn join(&self, channel: &Arc<str>, topic: Option<&Arc<str>>, subscriber: &Arc<Subscriber>) {
+        let first = {
+            let mut entry = self.inner.channels.entry(channel.clone()).or_insert_with(|| Channel {
+                topic: topic.cloned(),
+                sessions: Vec::new(),
+            });
+            entry.sessions.push(subscriber.clone());
+            entry.sessions.len() == 1
+        };
+        if first {
+            self.interest_changed(channel);
+        }
+    }
+
+    /// Removes session `id` from `channel`; drops the channel when it was the last listener.
+    pub fn leave(&self, channel: &Arc<str>, id: SessionId) {
+        let emptied = match self.inner.channels.get_mut(channel) {
+            Some(mut entry) => {
+                if let Some(i) = entry.sessions.iter().position(|s| s.id == id) {
+                    entry.sessions.swap_remove(i);
+                }
+                entry.sessions.is_empty()
+            }
+            None => false,
+        };
+        // The guard above is dropped before touching the map again.
+        if emptied && self.inner.channels.remove_if(channel, |_, c| c.sessions.is_empty()).is_some() {
+            self.interest_changed(channel);
+        }
+    }
+
+    /// Whether any local session listens to `channel`.
+    pub fn is_wanted(&self, channel: &str) -> bool {
+        self.inner.channels.contains_key(channel)
+    }
+
+    /// Every channel with at least one local listener.
+    pub fn wanted_channels(&self) -> Vec<Arc<str>> {
+        self.inner.channels.iter().map(|e| e.key().clone()).collect()
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.inner.channels.len()
+    }
+
+    fn interest_changed(&self, channel: &Arc<str>) {
+        if let Some(interest) = &self.inner.interest {
+            interest.changed.lock().unwrap_or_else(|p| p.into_inner()).insert(channel.clone());
+            interest.notify.notify_one();
+        }
+    }
+
+    /// Takes the channels whose interest changed since the last call (empty without tracking).
+    pub fn take_interest_changes(&self) -> Vec<Arc<str>> {
+        match &self.inner.interest {
+            Some(interest) => interest.changed.lock().unwrap_or_else(|p| p.into_inner()).drain().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Waits until the interest changes (never returns without tracking).
+    pub async fn interest_notified(&self) {
+        match &self.inner.interest {
+            Some(interest) => interest.notify.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Fans a broker payload out to every local session of `channel`. The payload is decoded
+    /// and encoded once; every session gets a reference-counted copy of the same bytes.
+    pub fn deliver(&self, channel: &str, payload: &Bytes) -> Fanout {
+        let Some(entry) = self.inner.channels.get(channel) else {
+            return Fanout::default();
+        };
+        let delivery = Delivery::decode(payload, entry.topic.as_deref(), || self.next_message_id());
+        let mut fanout = Fanout::default();
+        for session in &entry.sessions {
+            let frame = Outgoing { frame: delivery.frame(session.format).clone(), published_us: delivery.ts };
+            match session.outbox.push(frame) {
+                Ok(()) => fanout.delivered += 1,
+                // Too slow to keep up: its outbox is now closing (it resumes from its last id
+                // on reconnect) rather than stalling this fan-out.
+                Err(PushError::Full) => {
+                    fanout.dropped += 1;
+                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer").increment(1);
+                }
+                // Already leaving; it unregisters itself.
+                Err(PushError::Closed) => {
+                    fanout.dropped += 1;
+                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "closing").increment(1);
+                }
+            }
+        }
+        drop(entry);
+        metrics::counter!(m::MESSAGES_FANNED_OUT).increment(fanout.delivered as u64);
+        fanout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{CloseReason, WireFrame};
+
+    fn subscriber(hub: &Hub, user: &str, capacity: usize) -> Arc<Subscriber> {
+        Arc::new(Subscriber {
+            id: hub.next_session_id(),
+            user: user.into(),
+            format: Format::Raw,
+            outbox: Outbox::new(capacity),
+        })
+    }
+
+    #[test]
+    fn delivers_to_every_session_of_the_channel_and_nobody_else() {
+        let hub = Hub::new("n1", false);
+        let (a1, a2, b) = (subscriber(&hub, "a", 8), subscriber(&hub, "a", 8), subscriber(&hub, "b", 8));
+        let (ca, cb): (Arc<str>, Arc<str>) = ("u:a".into(), "u:b".into());
+        for s in [&a1, &a2] {
+            hub.register(s.clone(), 10).unwrap();
+            hub.join(&ca, None, s);
+        }
+        hub.register(b.clone(), 10).unwrap();
+        hub.join(&cb, None, &b);
+
+        let fanout = hub.deliver("u:a", &Bytes::from_static(b"{\"cnt\":1}"));
+        assert_eq!(fanout, Fanout { delivered: 2, dropped: 0 });
+        assert_eq!((a1.outbox.len(), a2.outbox.len(), b.outbox.len()), (1, 1, 0));
+        let mut batch = Vec::new();
+        a1.outbox.drain_into(&mut batch);
+        assert_eq!(batch[0].frame, WireFrame::text(r#"{"cnt":1}"#.to_owned()));
+    }
+
+    #[test]
+    fn a_full_outbox_is_closed_while_others_still_receive() {
+        let hub = Hub::new("n1", false);
+        let (slow, fast) = (subscriber(&hub, "a", 1), subscriber(&hub, "a", 8));
+        let channel: Arc<str> = "u:a".into();
+        for s in [&slow, &fast] {
+            hub.register(s.clone(), 10).unwrap();
+            hub.join(&channel, None, s);
+        }
+        hub.deliver("u:a", &Bytes::from_static(b"1"));
+        let fanout = hub.deliver("u:a", &Bytes::from_static(b"2"));
+        assert_eq!(fanout, Fanout { delivered: 1, dropped: 1 });
+        assert_eq!(slow.outbox.closing(), Some(CloseReason::SlowConsumer));
+        assert_eq!(fast.outbox.len(), 2);
+    }
+
+    #[test]
+    fn per_user_limit_and_counts() {
+        let hub = Hub::new("n1", false);
+        let (s1, s2) = (subscriber(&hub, "a", 1), subscriber(&hub, "a", 1));
+        hub.register(s1.clone(), 1).unwrap();
+        assert_eq!(hub.register(s2, 1), Err(TooManySessions));
+        assert_eq!((hub.session_count(), hub.user_count(), hub.sessions_of("a")), (1, 1, 1));
+        hub.unregister(&s1);
+        assert_eq!((hub.session_count(), hub.user_count(), hub.sessions_of("a")), (0, 0, 0));
+    }
+
+    #[test]
+    fn interest_changes_only_on_first_join_and_last_leave() {
+        let hub = Hub::new("n1", true);
+        let (s1, s2) = (subscriber(&hub, "a", 1), subscriber(&hub, "a", 1));
+        let channel: Arc<str> = "u:a".into();
+        hub.join(&channel, None, &s1);
+        hub.join(&channel, None, &s2);
+        assert_eq!(hub.take_interest_changes(), vec![channel.clone()]);
+        hub.leave(&channel, s1.id);
+        assert!(hub.take_interest_changes().is_empty());
+        assert!(hub.is_wanted("u:a"));
+        hub.leave(&channel, s2.id);
+        assert_eq!(hub.take_interest_changes(), vec![channel.clone()]);
+        assert!(!hub.is_wanted("u:a"));
+        assert_eq!(hub.channel_count(), 0);
+    }
+}

@@ -1,0 +1,66 @@
+//! Metric names, defined once, and the Prometheus exporter.
+//!
+//! Everything is recorded through the `metrics` facade. Labels have bounded cardinality: a
+//! close or drop reason, a command name; never a user, channel or token.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "pushnode_connections";
+pub const USERS: &str = "pushnode_users";
+pub const CONNECTIONS_OPENED: &str = "pushnode_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "pushnode_connections_closed_total";
+pub const CONNECTIONS_REJECTED: &str = "pushnode_connections_rejected_total";
+pub const HANDSHAKE_DURATION: &str = "pushnode_handshake_duration_seconds";
+pub const MESSAGES_PUBLISHED: &str = "pushnode_messages_published_total";
+pub const MESSAGES_FANNED_OUT: &str = "pushnode_messages_queued_total";
+pub const MESSAGES_DELIVERED: &str = "pushnode_messages_delivered_total";
+pub const MESSAGES_DROPPED: &str = "pushnode_messages_dropped_total";
+pub const DELIVERY_LATENCY: &str = "pushnode_delivery_latency_seconds";
+pub const CLIENT_ERRORS: &str = "pushnode_client_errors_total";
+
+/// Latency buckets from 100 µs to 10 s, roughly three per decade.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often the exporter's upkeep (histogram draining) runs.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Installs the process-wide recorder once and returns its handle. Several nodes in one process
+/// (integration tests) share it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (an embedding application);
+            // then ours stays unused and /metrics shows what it has.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, "WebSocket sessions open on this node");
+    describe_gauge!(USERS, "Distinct users with at least one session on this node");
+    describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions opened");
+    describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions closed, by reason");
+    describe_counter!(CONNECTIONS_REJECTED, "Upgrade requests refused before the handshake, by reason");
+    describe_histogram!(HANDSHAKE_DURATION, Unit::Seconds, "Time from upgrade request to 101 response");
+    describe_counter!(MESSAGES_PUBLISHED, "Messages published through this node's API, per target channel");
+    describe_counter!(MESSAGES_FANNED_OUT, "Frames queued to local sessions by fan-out");
+    describe_counter!(MESSAGES_DELIVERED, "Notification frames written to sockets");
+    describe_counter!(MESSAGES_DROPPED, "Frames not queued, by reason");
+    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From the publish time a message carries to its write on the socket");
+    describe_counter!(CLIENT_ERRORS, "Client frames answered with an error frame, by code");
+}

@@ -1,0 +1,158 @@
+//! `Node`: the wired parts of one running node, shared by both listeners as a cheap-clone
+//! handle. It holds no business logic; it answers "may one more session in?" and "are we
+//! ready?", which both listeners need.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::channel::ChannelNames;
+use crate::hub::Hub;
+use crate::session::SessionContext;
+use crate::settings::Settings;
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: Settings,
+    hub: Hub,
+    broker: Broker,
+    auth: Authenticator,
+    names: ChannelNames,
+    sessions: Arc<SessionContext>,
+    metrics: PrometheusHandle,
+    tracker: TaskTracker,
+    draining: AtomicBool,
+    /// Sessions admitted (upgrade accepted, not yet ended). Counted from the 101 on, so the
+    /// connection limit holds even while sessions are still registering.
+    admitted: Arc<AtomicUsize>,
+}
+
+/// Why readiness fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    Draining,
+    Broker,
+    Full,
+}
+
+impl NotReady {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Draining => "draining",
+            Self::Broker => "broker",
+            Self::Full => "connection_limit",
+        }
+    }
+}
+
+/// One admitted session's place under the connection limit; released on drop.
+#[derive(Debug)]
+pub struct Admission {
+    admitted: Arc<AtomicUsize>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The parts a node is built from (see [`crate::server::run`]).
+#[derive(Debug)]
+pub struct Parts {
+    pub settings: Settings,
+    pub hub: Hub,
+    pub broker: Broker,
+    pub auth: Authenticator,
+    pub names: ChannelNames,
+    pub sessions: Arc<SessionContext>,
+    pub metrics: PrometheusHandle,
+    pub tracker: TaskTracker,
+}
+
+impl Node {
+    pub fn new(parts: Parts) -> Self {
+        let Parts { settings, hub, broker, auth, names, sessions, metrics, tracker } = parts;
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                hub,
+                broker,
+                auth,
+                names,
+                sessions,
+                metrics,
+                tracker,
+                draining: AtomicBool::new(false),
+                admitted: Arc::new(AtomicUsize::new(0)),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+    pub fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+    pub fn auth(&self) -> &Authenticator {
+        &self.inner.auth
+    }
+    pub fn names(&self) -> &ChannelNames {
+        &self.inner.names
+    }
+    pub fn sessions(&self) -> &Arc<SessionContext> {
+        &self.inner.sessions
+    }
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.inner.metrics
+    }
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
+    }
+
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Reserves a place for one more session, or `None` at the connection limit.
+    pub fn admit(&self) -> Option<Admission> {
+        let max = self.inner.settings.limits.max_connections;
+        let admitted = &self.inner.admitted;
+        admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Admission { admitted: admitted.clone() })
+    }
+
+    /// Readiness: not draining, broker ready, below the connection limit.
+    pub fn readiness(&self) -> Vec<NotReady> {
+        let mut reasons = Vec::new();
+        if self.is_draining() {
+            reasons.push(NotReady::Draining);
+        }
+        if !self.inner.broker.status().ready {
+            reasons.push(NotReady::Broker);
+        }
+        if self.inner.admitted.load(Ordering::Acquire) >= self.inner.settings.limits.max_connections {
+            reasons.push(NotReady::Full);
+        }
+        reasons
+    }
+}

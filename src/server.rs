@@ -1,0 +1,155 @@
+//! `server`: binds the listeners, wires hub, broker, sessions and API into a [`Node`], and runs
+//! the shutdown sequence. No business logic lives here.
+//!
+//! Shutdown, when `shutdown` is cancelled (SIGTERM/SIGINT in the binary):
+//! 1. readiness fails and new upgrades get 503;
+//! 2. sessions are closed one by one, evenly spread over `server.drain_period`, each with close
+//!    code 4000 and a random reconnect delay up to `server.reconnect_jitter`;
+//! 3. after `server.shutdown_grace`, whatever is still open is dropped and `run` returns.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::channel::ChannelNames;
+use crate::hub::Hub;
+use crate::node::{Node, Parts};
+use crate::protocol::CloseReason;
+use crate::session::SessionContext;
+use crate::settings::Settings;
+use crate::{api, gateway, metrics};
+
+/// The two bound sockets of a node. Tests bind port 0 and read the addresses back.
+#[derive(Debug)]
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: TcpListener,
+}
+
+impl Listeners {
+    pub fn bind(settings: &Settings) -> io::Result<Self> {
+        Ok(Self {
+            public: bind(settings.server.public_addr, settings.server.listen_backlog)?,
+            internal: bind(settings.server.internal_addr, 1024)?,
+        })
+    }
+
+    pub fn public_addr(&self) -> io::Result<SocketAddr> {
+        self.public.local_addr()
+    }
+
+    pub fn internal_addr(&self) -> io::Result<SocketAddr> {
+        self.internal.local_addr()
+    }
+}
+
+/// Binds with an explicit backlog: a connect storm of thousands of clients overflows the
+/// default and turns into SYN retries (seconds of delay).
+fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+    socket.listen(backlog)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Runs a node on `listeners` until `shutdown` is cancelled, then drains and returns.
+pub async fn run(listeners: Listeners, settings: Settings, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let node_id: Arc<str> = if settings.server.node_id.is_empty() {
+        format!("{:08x}", fastrand::u32(..)).into()
+    } else {
+        settings.server.node_id.as_str().into()
+    };
+    let tracker = TaskTracker::new();
+    // Stops sessions and background tasks after the drain; the listeners stop with it.
+    let stop = CancellationToken::new();
+    let metrics = metrics::install();
+    tracker.spawn(upkeep(metrics.clone(), stop.clone()));
+
+    let hub = Hub::new(node_id.clone(), Broker::tracks_interest(settings.broker.kind));
+    let names = ChannelNames::new(&settings.broker.user_channel, &settings.broker.topic_channel, false);
+    let broker = Broker::new(&settings.broker, hub.clone());
+    let auth = Authenticator::new(&settings.auth);
+    if settings.auth.insecure_uid {
+        warn!("auth.insecure_uid is on: anyone can connect as any user with ?uid=");
+    }
+    if settings.demo.enabled {
+        warn!("demo.enabled is on: /demo/token mints tokens for any user (loopback only)");
+    }
+    let sessions = Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), stop.clone()));
+    let node = Node::new(Parts { settings, hub, broker, auth, names, sessions, metrics, tracker: tracker.clone() });
+
+    let public_addr = listeners.public.local_addr()?;
+    let internal_addr = listeners.internal.local_addr()?;
+    let public = axum::serve(listeners.public, gateway::router(node.clone())).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let internal = axum::serve(listeners.internal, api::router(node.clone())).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let public = tokio::spawn(async move { public.await });
+    let internal = tokio::spawn(async move { internal.await });
+    info!(node = %node_id, %public_addr, %internal_addr, "pushnode listening");
+
+    shutdown.cancelled().await;
+    drain(&node).await;
+    stop.cancel();
+    tracker.close();
+    let grace = node.settings().server.shutdown_grace;
+    if timeout(grace, tracker.wait()).await.is_err() {
+        warn!(open = node.hub().session_count(), "shutdown grace elapsed; dropping what is left");
+    }
+    // Listeners stop accepting at `stop`; their in-flight plain HTTP requests get the grace too.
+    for listener in [public, internal] {
+        match timeout(grace, listener).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "listener ended with an error"),
+            Ok(_) => {}
+            Err(_) => warn!("listener did not stop within the grace period"),
+        }
+    }
+    info!("pushnode stopped");
+    Ok(())
+}
+
+/// Closes every session, evenly spread over the drain period, each with its own reconnect
+/// delay, so clients do not come back all at once.
+async fn drain(node: &Node) {
+    node.start_draining();
+    let sessions = node.hub().sessions();
+    let period = node.settings().server.drain_period;
+    let jitter_ms = node.settings().server.reconnect_jitter.as_millis() as u64;
+    info!(sessions = sessions.len(), period = ?period, "draining");
+    let start = Instant::now();
+    let count = sessions.len().max(1) as u32;
+    for (i, session) in sessions.iter().enumerate() {
+        sleep_until(start + period * i as u32 / count).await;
+        let reconnect_after_ms = fastrand::u64(0..=jitter_ms);
+        session.outbox.close(CloseReason::ServerShutdown { reconnect_after_ms });
+    }
+    // Let the last closes leave before the hard stop.
+    let deadline = Instant::now() + Duration::from_secs(1).min(node.settings().server.shutdown_grace);
+    while node.hub().session_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(metrics::UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            () = stop.cancelled() => return,
+        }
+    }
+}

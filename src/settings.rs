@@ -1,0 +1,451 @@
+//! `Settings`: the one configuration tree of a node.
+//!
+//! Layers, later wins: built-in defaults < a TOML file (`--config FILE` or `PUSHNODE_CONFIG`) <
+//! environment variables `PUSHNODE__SECTION__KEY` (for example `PUSHNODE__SERVER__PUBLIC_ADDR`;
+//! lists such as `PUSHNODE__AUTH__API_KEYS` are comma-separated). Nothing else in the crate reads
+//! the environment. The doc comments below are the configuration reference, mirrored with the
+//! defaults in `config/default.toml` (a test keeps the two equal).
+//!
+//! Unknown keys and bad values stop the start with a message naming the key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Format;
+
+/// Environment variable naming the configuration file when `--config` is not given.
+pub const CONFIG_ENV: &str = "PUSHNODE_CONFIG";
+const ENV_PREFIX: &str = "PUSHNODE";
+const ENV_SEPARATOR: &str = "__";
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["auth.api_keys", "auth.allowed_origins"];
+const REDACTED: &str = "<redacted>";
+/// Shortest JWT secret accepted: HS256 wants at least 256 bits of key.
+pub const MIN_SECRET_LEN: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: Server,
+    pub auth: Auth,
+    pub session: Session,
+    pub limits: Limits,
+    pub broker: Broker,
+    pub demo: Demo,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    /// Address of the public listener: WebSocket (`/ws`, `/`), demo page, `/pushnode.js`.
+    pub public_addr: SocketAddr,
+    /// Address of the internal listener: `/api/*`, `/healthz`, `/readyz`, `/metrics`. Keep it
+    /// off the public network.
+    pub internal_addr: SocketAddr,
+    /// Name of this node in logs and welcome frames; empty picks a random one at start.
+    pub node_id: String,
+    /// Listen backlog of the public socket (the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
+    /// On SIGTERM, sessions are closed evenly spread over this period, so clients do not all
+    /// reconnect at the same instant.
+    #[serde(with = "humantime_serde")]
+    pub drain_period: Duration,
+    /// Extra time after the drain for sessions to finish closing before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Upper bound of the random reconnect delay suggested to drained clients.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_jitter: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            public_addr: SocketAddr::from(([127, 0, 0, 1], 9501)),
+            internal_addr: SocketAddr::from(([127, 0, 0, 1], 9502)),
+            node_id: String::new(),
+            listen_backlog: 4096,
+            drain_period: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+            reconnect_jitter: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// HS256 secret for connection tokens (at least 32 bytes). Empty is allowed only with
+    /// `demo.enabled`, which then signs with a random per-process secret.
+    pub jwt_secret: String,
+    /// Keys accepted by the internal API as `Authorization: Bearer <key>`. Empty with
+    /// `demo.enabled` leaves the API open on the (loopback) internal address.
+    pub api_keys: Vec<String>,
+    /// Accept `?uid=ID` without a token (local demos, migration from the classic demo). Refused
+    /// on a non-loopback `server.public_addr`.
+    pub insecure_uid: bool,
+    /// Browser origins allowed to connect (exact `scheme://host[:port]`); empty allows any.
+    /// Requests without an `Origin` header (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
+    /// Clock skew tolerated when checking a token's `exp`.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            api_keys: Vec::new(),
+            insecure_uid: false,
+            allowed_origins: Vec::new(),
+            clock_skew: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Session {
+    /// How often the node pings each session.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A session from which nothing (not even a pong) arrived for this long is closed (4002).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// Frames a session may have queued before it counts as a slow consumer and is closed
+    /// (4001). Bounds memory per connection at about this many frames.
+    pub outbox_capacity: usize,
+    /// A socket write that takes longer than this closes the session.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Format for sessions that do not ask (`?format=json|raw`).
+    pub default_format: Format,
+    /// Bytes of the per-connection WebSocket read buffer. Client frames are small; a small
+    /// buffer keeps idle connections cheap (tungstenite's default is 128 KiB).
+    pub read_buffer_bytes: usize,
+    /// Bytes of outgoing frames gathered before a socket write within one batch.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(60),
+            outbox_capacity: 256,
+            write_timeout: Duration::from_secs(10),
+            default_format: Format::Json,
+            read_buffer_bytes: 512,
+            write_buffer_bytes: 16 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Sessions per node; upgrades above it get HTTP 503.
+    pub max_connections: usize,
+    /// Sessions per user on one node; upgrades above it get HTTP 429.
+    pub max_connections_per_user: usize,
+    /// Largest client frame in bytes; a larger one closes the session (1009).
+    pub max_frame_bytes: usize,
+    /// Client frames per second (sustained, with a burst of the same size); more closes the
+    /// session (4003).
+    pub client_frames_per_second: u32,
+    /// Topic channels one session may join.
+    pub max_topics_per_session: usize,
+    /// Largest `POST /api/publish` body in bytes; larger gets HTTP 413.
+    pub max_publish_bytes: usize,
+    /// Users one `POST /api/publish` may name.
+    pub max_publish_users: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            max_connections_per_user: 32,
+            max_frame_bytes: 4096,
+            client_frames_per_second: 20,
+            max_topics_per_session: 64,
+            max_publish_bytes: 64 * 1024,
+            max_publish_users: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// In-process: one node alone, no Redis.
+    Memory,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Broker {
+    /// `memory` (one node, no Redis).
+    pub kind: BrokerKind,
+    /// Broker channel of a user's notifications; `{user}` stands for the user id. The classic
+    /// demo's `push:message:{user}` works.
+    pub user_channel: String,
+    /// Broker channel of a topic; `{topic}` stands for the topic name.
+    pub topic_channel: String,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Self {
+            kind: BrokerKind::Memory,
+            user_channel: "pushnode:user:{user}".into(),
+            topic_channel: "pushnode:topic:{topic}".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Demo {
+    /// Serve the demo page's helper routes (`/demo/token`, `/demo/send`), which mint tokens for
+    /// any user: only for local trials. Refused on a non-loopback `server.public_addr`.
+    pub enabled: bool,
+}
+
+impl Default for Demo {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A `tracing` filter, such as `info` or `pushnode=debug,info`.
+    pub filter: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, filter: "info".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Load(config::ConfigError),
+    #[error("configuration: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl From<config::ConfigError> for SettingsError {
+    fn from(e: config::ConfigError) -> Self {
+        Self::Load(e)
+    }
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid { key, reason: reason.into() }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (or the file named by `PUSHNODE_CONFIG`), then the process
+    /// environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// As [`Settings::load`], with an explicit environment (tests use this).
+    pub fn load_from(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, SettingsError> {
+        let file = file.map(Path::to_path_buf).or_else(|| env.get(CONFIG_ENV).map(Into::into));
+        let mut builder = Config::builder();
+        if let Some(path) = &file {
+            let path = path.to_str().ok_or_else(|| invalid("--config", "path is not UTF-8"))?;
+            builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
+        }
+        let vars = env.iter().filter(|(k, _)| k.starts_with("PUSHNODE__")).map(|(k, v)| (k.clone(), v.clone()));
+        let mut environment = Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator(ENV_SEPARATOR)
+            .separator(ENV_SEPARATOR)
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(vars.collect()));
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot, naming the key at fault.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let loopback = self.server.public_addr.ip().is_loopback();
+        if self.auth.insecure_uid && !loopback {
+            return Err(invalid(
+                "auth.insecure_uid",
+                "lets anyone connect as any user; it is refused on a non-loopback server.public_addr",
+            ));
+        }
+        if self.demo.enabled && !loopback {
+            return Err(invalid(
+                "demo.enabled",
+                "the demo routes mint tokens for any user; set demo.enabled = false on a non-loopback server.public_addr",
+            ));
+        }
+        if self.auth.jwt_secret.is_empty() && !self.demo.enabled && !self.auth.insecure_uid {
+            return Err(invalid("auth.jwt_secret", "required unless demo.enabled or auth.insecure_uid"));
+        }
+        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < MIN_SECRET_LEN {
+            return Err(invalid("auth.jwt_secret", format!("must be at least {MIN_SECRET_LEN} bytes")));
+        }
+        if self.auth.api_keys.is_empty() && !self.demo.enabled {
+            return Err(invalid("auth.api_keys", "at least one key is required unless demo.enabled"));
+        }
+        if self.auth.api_keys.iter().any(|k| k.len() < 16) {
+            return Err(invalid("auth.api_keys", "each key must be at least 16 bytes"));
+        }
+        if let Some(origin) = self.auth.allowed_origins.iter().find(|o| !o.contains("://")) {
+            return Err(invalid("auth.allowed_origins", format!("{origin:?} is not scheme://host[:port]")));
+        }
+        if self.session.heartbeat_interval.is_zero() {
+            return Err(invalid("session.heartbeat_interval", "must be above zero"));
+        }
+        if self.session.heartbeat_timeout <= self.session.heartbeat_interval {
+            return Err(invalid("session.heartbeat_timeout", "must be longer than session.heartbeat_interval"));
+        }
+        if self.session.outbox_capacity == 0 {
+            return Err(invalid("session.outbox_capacity", "must be at least 1"));
+        }
+        if self.session.read_buffer_bytes < 64 {
+            return Err(invalid("session.read_buffer_bytes", "must be at least 64"));
+        }
+        if self.limits.max_frame_bytes < 64 {
+            return Err(invalid("limits.max_frame_bytes", "must be at least 64"));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if self.limits.max_connections_per_user == 0 {
+            return Err(invalid("limits.max_connections_per_user", "must be at least 1"));
+        }
+        if self.limits.client_frames_per_second == 0 {
+            return Err(invalid("limits.client_frames_per_second", "must be at least 1"));
+        }
+        if self.limits.max_publish_bytes < 128 {
+            return Err(invalid("limits.max_publish_bytes", "must be at least 128"));
+        }
+        if self.limits.max_publish_users == 0 {
+            return Err(invalid("limits.max_publish_users", "must be at least 1"));
+        }
+        if self.broker.user_channel.matches("{user}").count() != 1 {
+            return Err(invalid("broker.user_channel", "must contain {user} exactly once"));
+        }
+        if self.broker.topic_channel.matches("{topic}").count() != 1 {
+            return Err(invalid("broker.topic_channel", "must contain {topic} exactly once"));
+        }
+        if self.broker.user_channel.replace("{user}", "") == self.broker.topic_channel.replace("{topic}", "") {
+            return Err(invalid("broker.topic_channel", "must differ from broker.user_channel"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
+            return Err(invalid("log.filter", format!("{:?} is not a valid filter", self.log.filter)));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML with secrets replaced by `<redacted>`.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        if !copy.auth.jwt_secret.is_empty() {
+            copy.auth.jwt_secret = REDACTED.into();
+        }
+        copy.auth.api_keys = copy.auth.api_keys.iter().map(|_| REDACTED.into()).collect();
+        toml::to_string(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn default_toml_documents_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let loaded = Settings::load_from(Some(&path), &HashMap::new()).unwrap();
+        assert_eq!(loaded, Settings::default());
+    }
+
+    #[test]
+    fn environment_overrides_with_double_underscores_and_lists() {
+        let settings = Settings::load_from(
+            None,
+            &env(&[
+                ("PUSHNODE__SERVER__PUBLIC_ADDR", "127.0.0.1:7000"),
+                ("PUSHNODE__AUTH__API_KEYS", "key-aaaaaaaaaaaaaaaa,key-bbbbbbbbbbbbbbbb"),
+                ("PUSHNODE__SESSION__HEARTBEAT_INTERVAL", "5s"),
+                ("PUSHNODE__LIMITS__MAX_CONNECTIONS", "10"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.server.public_addr.port(), 7000);
+        assert_eq!(settings.auth.api_keys.len(), 2);
+        assert_eq!(settings.session.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(settings.limits.max_connections, 10);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_the_error() {
+        let err = Settings::load_from(None, &env(&[("PUSHNODE__SERVER__PUBLIK_ADDR", "x")])).unwrap_err();
+        assert!(err.to_string().contains("publik_addr"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named_in_the_error() {
+        let err = Settings::load_from(None, &env(&[("PUSHNODE__SESSION__HEARTBEAT_INTERVAL", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("heartbeat_interval"), "{err}");
+        let err = Settings::load_from(None, &env(&[("PUSHNODE__AUTH__JWT_SECRET", "short")])).unwrap_err();
+        assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn insecure_and_demo_modes_are_refused_off_loopback() {
+        let mut s = Settings::default();
+        s.server.public_addr = "0.0.0.0:9501".parse().unwrap();
+        assert!(s.validate().unwrap_err().to_string().contains("demo.enabled"));
+        s.demo.enabled = false;
+        s.auth.insecure_uid = true;
+        assert!(s.validate().unwrap_err().to_string().contains("auth.insecure_uid"));
+    }
+
+    #[test]
+    fn redaction_hides_secrets() {
+        let mut s = Settings::default();
+        s.auth.jwt_secret = "a".repeat(40);
+        s.auth.api_keys = vec!["k".repeat(20)];
+        let out = s.redacted_toml();
+        assert!(!out.contains(&"a".repeat(40)) && !out.contains(&"k".repeat(20)));
+        assert!(out.contains(REDACTED));
+    }
+}
