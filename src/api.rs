@@ -8,10 +8,10 @@ use axum::Router;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, middleware};
-use axum::middleware::Next;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -120,7 +120,10 @@ async fn publish(State(node): State<Node>, req: Request) -> Result<Json<PublishR
 
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {limit} bytes (limits.max_publish_bytes)"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {limit} bytes (limits.max_publish_bytes)"),
+        )
     })
 }
 
@@ -153,11 +156,7 @@ fn targets(node: &Node, request: &PublishRequest) -> Result<Vec<std::sync::Arc<s
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
-    if valid_name(name) {
-        Ok(())
-    } else {
-        Err(ApiError::field(field, "must be 1 to 128 of A-Z a-z 0-9 _ - . : @ ="))
-    }
+    if valid_name(name) { Ok(()) } else { Err(ApiError::field(field, "must be 1 to 128 of A-Z a-z 0-9 _ - . : @ =")) }
 }
 
 /// Liveness: the runtime answers.

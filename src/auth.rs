@@ -139,15 +139,16 @@ impl Authenticator {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::InvalidSignature => AuthError::InvalidToken("bad signature"),
-            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                AuthError::InvalidToken("algorithm must be HS256")
-            }
-            ErrorKind::MissingRequiredClaim(_) => AuthError::InvalidToken("exp and sub are required"),
-            _ => AuthError::InvalidToken("malformed"),
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::InvalidToken("bad signature"),
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    AuthError::InvalidToken("algorithm must be HS256")
+                }
+                ErrorKind::MissingRequiredClaim(_) => AuthError::InvalidToken("exp and sub are required"),
+                _ => AuthError::InvalidToken("malformed"),
+            })?;
         let claims = data.claims;
         if !valid_name(&claims.sub) {
             return Err(AuthError::BadUser);
@@ -184,7 +185,8 @@ impl Authenticator {
         }
         let presented = authorization.and_then(bearer).ok_or(AuthError::BadApiKey)?;
         // Compare every key in full so timing does not reveal which one nearly matched.
-        let matched = self.api_keys.iter().fold(false, |acc, key| acc | constant_time_eq(key.as_bytes(), presented.as_bytes()));
+        let matched =
+            self.api_keys.iter().fold(false, |acc, key| acc | constant_time_eq(key.as_bytes(), presented.as_bytes()));
         if matched { Ok(()) } else { Err(AuthError::BadApiKey) }
     }
 }
@@ -238,7 +240,8 @@ mod tests {
         assert_eq!(a.verify(&forged), Err(AuthError::InvalidToken("bad signature")));
 
         let claims = Claims { sub: "42".into(), exp: 1_000, iat: None, channels: vec![] };
-        let expired = jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(&[b's'; 32])).unwrap();
+        let expired =
+            jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(&[b's'; 32])).unwrap();
         assert_eq!(a.verify(&expired), Err(AuthError::Expired));
 
         // alg: none, built by hand: header {"alg":"none","typ":"JWT"}, empty signature.

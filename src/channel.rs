@@ -45,11 +45,7 @@ impl ChannelNames {
     }
 
     fn render(&self, prefix: &str, id: &str, suffix: &str) -> Arc<str> {
-        if self.hash_tag {
-            format!("{prefix}{{{id}}}{suffix}").into()
-        } else {
-            format!("{prefix}{id}{suffix}").into()
-        }
+        if self.hash_tag { format!("{prefix}{{{id}}}{suffix}").into() } else { format!("{prefix}{id}{suffix}").into() }
     }
 
     /// Recognises a broker channel name; `None` for a channel this node does not use.

@@ -36,10 +36,8 @@ const CLIENT_JS: &str = include_str!("assets/pushnode.js");
 const DEMO_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 pub fn router(node: Node) -> Router {
-    let mut router = Router::new()
-        .route("/", get(index))
-        .route("/ws", get(upgrade))
-        .route("/pushnode.js", get(client_js));
+    let mut router =
+        Router::new().route("/", get(index)).route("/ws", get(upgrade)).route("/pushnode.js", get(client_js));
     if node.settings().demo.enabled {
         router = router.route("/demo/token", get(demo_token)).route("/demo/send", post(demo_send));
     }
@@ -69,9 +67,11 @@ async fn client_js() -> impl IntoResponse {
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
     let has = |name, token: &str| {
-        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-            v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token))
-        })
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
     };
     has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }

@@ -161,10 +161,11 @@ impl Hub {
     /// Adds `subscriber` to `channel`.
     pub fn join(&self, channel: &Arc<str>, topic: Option<&Arc<str>>, subscriber: &Arc<Subscriber>) {
         let first = {
-            let mut entry = self.inner.channels.entry(channel.clone()).or_insert_with(|| Channel {
-                topic: topic.cloned(),
-                sessions: Vec::new(),
-            });
+            let mut entry = self
+                .inner
+                .channels
+                .entry(channel.clone())
+                .or_insert_with(|| Channel { topic: topic.cloned(), sessions: Vec::new() });
             entry.sessions.push(subscriber.clone());
             entry.sessions.len() == 1
         };

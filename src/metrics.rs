@@ -23,9 +23,8 @@ pub const DELIVERY_LATENCY: &str = "pushnode_delivery_latency_seconds";
 pub const CLIENT_ERRORS: &str = "pushnode_client_errors_total";
 
 /// Latency buckets from 100 µs to 10 s, roughly three per decade.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// How often the exporter's upkeep (histogram draining) runs.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -61,6 +60,10 @@ fn describe() {
     describe_counter!(MESSAGES_FANNED_OUT, "Frames queued to local sessions by fan-out");
     describe_counter!(MESSAGES_DELIVERED, "Notification frames written to sockets");
     describe_counter!(MESSAGES_DROPPED, "Frames not queued, by reason");
-    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From the publish time a message carries to its write on the socket");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "From the publish time a message carries to its write on the socket"
+    );
     describe_counter!(CLIENT_ERRORS, "Client frames answered with an error frame, by code");
 }

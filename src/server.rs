@@ -96,8 +96,10 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
 
     let public_addr = listeners.public.local_addr()?;
     let internal_addr = listeners.internal.local_addr()?;
-    let public = axum::serve(listeners.public, gateway::router(node.clone())).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let internal = axum::serve(listeners.internal, api::router(node.clone())).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let public = axum::serve(listeners.public, gateway::router(node.clone()))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let internal = axum::serve(listeners.internal, api::router(node.clone()))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
     let public = tokio::spawn(async move { public.await });
     let internal = tokio::spawn(async move { internal.await });
     info!(node = %node_id, %public_addr, %internal_addr, "pushnode listening");

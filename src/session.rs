@@ -21,14 +21,16 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, trace, Instrument};
+use tracing::{Instrument, debug, info_span, trace};
 
 use crate::auth::Identity;
 use crate::channel::{ChannelNames, granted, valid_name};
 use crate::hub::{Hub, Subscriber};
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing};
-use crate::protocol::{ClientFrame, CloseReason, ErrorCode, Format, PROTOCOL_VERSION, ServerFrame, WireFrame, now_micros};
+use crate::protocol::{
+    ClientFrame, CloseReason, ErrorCode, Format, PROTOCOL_VERSION, ServerFrame, WireFrame, now_micros,
+};
 use crate::settings::Settings;
 
 /// How long a close frame may take to leave before the socket is simply dropped.

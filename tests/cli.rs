@@ -1,0 +1,132 @@
+//! The `pushnode` binary as an operator uses it: configuration errors, `token`, `config`, and
+//! `serve` + `publish` + SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{API_KEY, Client, SECRET};
+
+fn pushnode() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pushnode"));
+    command.env_remove("PUSHNODE_CONFIG").env("RUST_BACKTRACE", "0");
+    command
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn unknown_keys_and_bad_values_stop_the_start_naming_the_key() {
+    let out = pushnode().env("PUSHNODE__SERVER__PUBLIK_ADDR", "x").arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("publik_addr"), "{out:?}");
+
+    let out = pushnode().env("PUSHNODE__LIMITS__MAX_CONNECTIONS", "many").arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_connections"), "{out:?}");
+
+    let dir = std::env::temp_dir().join(format!("pushnode-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[session]\nheartbeat_interval = \"5s\"\nheartbeat_timeout = \"1s\"\n").unwrap();
+    let out = pushnode().arg("--config").arg(&file).arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session.heartbeat_timeout"), "{out:?}");
+
+    let out = pushnode().arg("--config").arg(dir.join("missing.toml")).arg("config").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"), "{out:?}");
+}
+
+#[test]
+fn config_prints_the_effective_settings_with_secrets_redacted() {
+    let out = pushnode()
+        .env("PUSHNODE__AUTH__JWT_SECRET", SECRET)
+        .env("PUSHNODE__AUTH__API_KEYS", API_KEY)
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("public_addr = \"127.0.0.1:9501\""), "{text}");
+    assert!(!text.contains(SECRET) && !text.contains(API_KEY), "{text}");
+    assert!(text.contains("<redacted>"));
+}
+
+#[test]
+fn token_requires_a_secret_and_prints_a_verifiable_token() {
+    let out = pushnode().args(["token", "--user", "42"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.jwt_secret"));
+
+    let out = pushnode()
+        .env("PUSHNODE__AUTH__JWT_SECRET", SECRET)
+        .args(["token", "--user", "42", "--ttl", "5m", "--channel", "news"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap();
+    let auth = pushnode::auth::Authenticator::new(&pushnode::settings::Auth {
+        jwt_secret: SECRET.into(),
+        ..Default::default()
+    });
+    let identity = auth.verify(token.trim()).unwrap();
+    assert_eq!((identity.user.as_ref(), identity.channels), ("42", vec!["news".to_owned()]));
+}
+
+#[tokio::test]
+async fn serve_then_publish_from_the_cli_then_sigterm_exits_zero() {
+    let (public, internal) = (free_port(), free_port());
+    let child = pushnode()
+        .env("PUSHNODE__SERVER__PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+        .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+        .env("PUSHNODE__SERVER__DRAIN_PERIOD", "200ms")
+        .env("PUSHNODE__AUTH__JWT_SECRET", SECRET)
+        .env("PUSHNODE__AUTH__API_KEYS", API_KEY)
+        .env("PUSHNODE__DEMO__ENABLED", "false")
+        .env("PUSHNODE__LOG__FORMAT", "json")
+        .arg("serve")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let auth = pushnode::auth::Authenticator::new(&pushnode::settings::Auth {
+        jwt_secret: SECRET.into(),
+        ..Default::default()
+    });
+    let url =
+        format!("ws://127.0.0.1:{public}/ws?token={}", auth.issue("42", Duration::from_secs(60), vec![]).unwrap());
+    let deadline = Instant::now() + common::WAIT;
+    let mut client = loop {
+        match Client::connect(&url).await {
+            Ok(client) => break client,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("node never came up: {e}"),
+        }
+    };
+    assert_eq!(client.next_json().await["type"], "welcome");
+
+    let out = pushnode()
+        .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+        .env("PUSHNODE__AUTH__API_KEYS", API_KEY)
+        .args(["publish", "--user", "42", "--event", "hello", r#"{"cnt":3}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let n = client.next_json().await;
+    assert_eq!((n["event"].as_str(), n["data"]["cnt"].as_u64()), (Some("hello"), Some(3)));
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(client.close_code().await, 4000);
+    let exit = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(exit.status.success(), "{exit:?}");
+    let logs = String::from_utf8_lossy(&exit.stderr);
+    assert!(logs.contains("\"pushnode stopped\""), "{logs}");
+    assert!(!logs.contains(SECRET) && !logs.contains(API_KEY), "a secret reached the logs");
+}
