@@ -10,8 +10,9 @@
 //! or while touching the same map again.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -38,6 +39,8 @@ struct Channel {
     /// Topic name for topic channels (goes into the notification's `channel` field).
     topic: Option<Arc<str>>,
     sessions: Vec<Arc<Subscriber>>,
+    /// The broker confirmed its subscription (always true without interest tracking).
+    live: bool,
 }
 
 /// Result of one fan-out.
@@ -65,6 +68,10 @@ struct Inner {
     /// Channels whose local interest changed since a broker last looked; `None` when no broker
     /// consumes them (the memory broker), so the set cannot grow unread.
     interest: Option<Interest>,
+    /// Woken whenever channels become live.
+    live_changed: Notify,
+    /// Whether the broker is connected; sessions only wait for a subscription when it is.
+    broker_up: AtomicBool,
     node_id: Arc<str>,
     next_session: AtomicU64,
     next_message: AtomicU64,
@@ -85,6 +92,8 @@ impl Hub {
                 sessions: DashMap::new(),
                 users: DashMap::new(),
                 interest: track_interest.then(Interest::default),
+                live_changed: Notify::new(),
+                broker_up: AtomicBool::new(!track_interest),
                 node_id: node_id.into(),
                 next_session: AtomicU64::new(1),
                 next_message: AtomicU64::new(1),
@@ -160,12 +169,14 @@ impl Hub {
 
     /// Adds `subscriber` to `channel`.
     pub fn join(&self, channel: &Arc<str>, topic: Option<&Arc<str>>, subscriber: &Arc<Subscriber>) {
+        // Without a broker to subscribe, a channel is live at once.
+        let live = self.inner.interest.is_none();
         let first = {
-            let mut entry = self
-                .inner
-                .channels
-                .entry(channel.clone())
-                .or_insert_with(|| Channel { topic: topic.cloned(), sessions: Vec::new() });
+            let mut entry = self.inner.channels.entry(channel.clone()).or_insert_with(|| Channel {
+                topic: topic.cloned(),
+                sessions: Vec::new(),
+                live,
+            });
             entry.sessions.push(subscriber.clone());
             entry.sessions.len() == 1
         };
@@ -189,6 +200,54 @@ impl Hub {
         if emptied && self.inner.channels.remove_if(channel, |_, c| c.sessions.is_empty()).is_some() {
             self.interest_changed(channel);
         }
+    }
+
+    /// Marks channels whose broker subscription is confirmed, and wakes sessions waiting on them.
+    pub fn mark_live(&self, channels: &[Arc<str>]) {
+        for channel in channels {
+            if let Some(mut entry) = self.inner.channels.get_mut(channel) {
+                entry.live = true;
+            }
+        }
+        self.inner.live_changed.notify_waiters();
+    }
+
+    /// Marks every channel as not subscribed (the broker connection was lost).
+    pub fn mark_all_down(&self) {
+        self.inner.broker_up.store(false, Ordering::Release);
+        for mut entry in self.inner.channels.iter_mut() {
+            entry.live = false;
+        }
+    }
+
+    pub fn set_broker_up(&self, up: bool) {
+        self.inner.broker_up.store(up, Ordering::Release);
+        self.inner.live_changed.notify_waiters();
+    }
+
+    pub fn is_live(&self, channel: &str) -> bool {
+        self.inner.channels.get(channel).is_some_and(|c| c.live)
+    }
+
+    /// Waits, at most `limit`, until the broker has subscribed `channel`, so that a session's
+    /// welcome means "messages published from now on reach you". Returns at once while the
+    /// broker is down (the session then gets what arrives after the reconnect).
+    pub async fn wait_live(&self, channel: &str, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.inner.live_changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.is_live(channel) {
+                    return true;
+                }
+                if !self.inner.broker_up.load(Ordering::Acquire) {
+                    return false;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.unwrap_or(false)
     }
 
     /// Whether any local session listens to `channel`.

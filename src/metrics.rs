@@ -21,6 +21,11 @@ pub const MESSAGES_DELIVERED: &str = "pushnode_messages_delivered_total";
 pub const MESSAGES_DROPPED: &str = "pushnode_messages_dropped_total";
 pub const DELIVERY_LATENCY: &str = "pushnode_delivery_latency_seconds";
 pub const CLIENT_ERRORS: &str = "pushnode_client_errors_total";
+pub const BROKER_SUBSCRIPTIONS: &str = "pushnode_broker_subscriptions";
+pub const BROKER_COMMANDS: &str = "pushnode_broker_commands_total";
+pub const BROKER_RESUBSCRIBE_DURATION: &str = "pushnode_broker_resubscribe_duration_seconds";
+pub const BROKER_RECONNECTS: &str = "pushnode_broker_reconnects_total";
+pub const BROKER_PROBE_LAST_SUCCESS: &str = "pushnode_broker_probe_last_success_timestamp_seconds";
 
 /// Latency buckets from 100 µs to 10 s, roughly three per decade.
 const LATENCY_BUCKETS: &[f64] =
@@ -66,4 +71,13 @@ fn describe() {
         "From the publish time a message carries to its write on the socket"
     );
     describe_counter!(CLIENT_ERRORS, "Client frames answered with an error frame, by code");
+    describe_gauge!(BROKER_SUBSCRIPTIONS, "Channels this node's subscriber holds in Redis");
+    describe_counter!(BROKER_COMMANDS, "Redis pub/sub commands sent, by command");
+    describe_histogram!(
+        BROKER_RESUBSCRIBE_DURATION,
+        Unit::Seconds,
+        "Time to subscribe every wanted channel after a (re)connect"
+    );
+    describe_counter!(BROKER_RECONNECTS, "Subscriber reconnects after a lost, failed or silent connection");
+    describe_gauge!(BROKER_PROBE_LAST_SUCCESS, "Unix time when this node last received its own probe through Redis");
 }

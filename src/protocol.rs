@@ -5,6 +5,7 @@
 //! can be tested and benchmarked without sockets or Redis. `docs/protocol.md` is the prose
 //! version of this file and must change with it.
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -121,10 +122,11 @@ pub enum ErrorCode {
 pub struct Envelope<'a> {
     /// Marks the payload as a pushnode envelope and carries its version.
     pub pushnode: u32,
+    /// `Cow`: borrowed unless the JSON string has escapes (event names like `App\\Events\\X`).
     #[serde(borrow)]
-    pub id: &'a str,
+    pub id: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
-    pub event: Option<&'a str>,
+    pub event: Option<Cow<'a, str>>,
     /// Publish time, microseconds since the Unix epoch; the delivery latency is measured from it.
     pub ts: u64,
     #[serde(borrow)]
@@ -133,12 +135,28 @@ pub struct Envelope<'a> {
 
 impl<'a> Envelope<'a> {
     pub fn new(id: &'a str, event: Option<&'a str>, data: &'a RawValue) -> Self {
-        Self { pushnode: PROTOCOL_VERSION, id, event, ts: now_micros(), data }
+        Self {
+            pushnode: PROTOCOL_VERSION,
+            id: Cow::Borrowed(id),
+            event: event.map(Cow::Borrowed),
+            ts: now_micros(),
+            data,
+        }
     }
 
     pub fn encode(&self) -> Bytes {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
+}
+
+/// What Laravel's `redis` broadcaster publishes: `{"event": ..., "data": ..., "socket": ...}`.
+#[derive(Debug, Deserialize)]
+struct LaravelBroadcast<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    // `socket` (the sender's socket id, to skip it) has no meaning here and is ignored.
 }
 
 /// The `notification` frame as written to JSON-format sessions.
@@ -199,13 +217,18 @@ impl Delivery {
         if let Ok(env) = serde_json::from_slice::<Envelope<'_>>(payload)
             && env.pushnode == PROTOCOL_VERSION
         {
-            let json = encode_notification(env.id, topic, env.event, env.data, env.ts);
+            let json = encode_notification(&env.id, topic, env.event.as_deref(), env.data, env.ts);
             // The raw form is the published `data`, byte for byte.
             let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
             return Self { ts: env.ts, json, raw };
         }
         let ts = now_micros();
         let id = fallback_id();
+        if let Ok(laravel) = serde_json::from_slice::<LaravelBroadcast<'_>>(payload) {
+            // A Laravel broadcast: its event name and data become the notification's.
+            let json = encode_notification(&id, topic, Some(&laravel.event), laravel.data, ts);
+            return Self { ts, json, raw: text_or_binary(payload.clone()) };
+        }
         let json = match serde_json::from_slice::<&RawValue>(payload) {
             Ok(data) => encode_notification(&id, topic, None, data, ts),
             Err(_) => {
@@ -339,13 +362,13 @@ mod tests {
     #[test]
     fn envelope_becomes_notification_and_raw_is_the_published_data() {
         let data = RawValue::from_string(r#"{"cnt":5}"#.into()).unwrap();
-        let payload = Envelope::new("n-1", Some("comment"), &data).encode();
+        let payload = Envelope::new("n-1", Some("App\\Events\\Comment"), &data).encode();
         let d = Delivery::decode(&payload, None, || unreachable!("envelope has an id"));
         let WireFrame::Text(json) = d.frame(Format::Json) else { panic!("text expected") };
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["type"], "notification");
         assert_eq!(v["id"], "n-1");
-        assert_eq!(v["event"], "comment");
+        assert_eq!(v["event"], "App\\Events\\Comment");
         assert_eq!(v["data"]["cnt"], 5);
         assert!(v.get("channel").is_none());
         assert_eq!(d.frame(Format::Raw), &WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":5}"#)));
@@ -371,6 +394,16 @@ mod tests {
         let binary = Bytes::from_static(&[0xff, 0x00]);
         let d = Delivery::decode(&binary, None, || "f-3".to_owned());
         assert_eq!(d.frame(Format::Raw), &WireFrame::Binary(binary.clone()));
+    }
+
+    #[test]
+    fn a_laravel_broadcast_carries_its_event_and_data() {
+        let payload = Bytes::from_static(br#"{"event":"App\\Events\\OrderShipped","data":{"order":7},"socket":null}"#);
+        let d = Delivery::decode(&payload, None, || "l-1".to_owned());
+        let WireFrame::Text(json) = d.frame(Format::Json) else { panic!("text expected") };
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["event"], "App\\Events\\OrderShipped");
+        assert_eq!(v["data"], serde_json::json!({ "order": 7 }));
     }
 
     #[test]

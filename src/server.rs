@@ -25,7 +25,7 @@ use crate::hub::Hub;
 use crate::node::{Node, Parts};
 use crate::protocol::CloseReason;
 use crate::session::SessionContext;
-use crate::settings::Settings;
+use crate::settings::{BrokerKind, Settings};
 use crate::{api, gateway, metrics};
 
 /// The two bound sockets of a node. Tests bind port 0 and read the addresses back.
@@ -66,6 +66,8 @@ fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 pub enum ServerError {
     #[error("listener: {0}")]
     Io(#[from] io::Error),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
 }
 
 /// Runs a node on `listeners` until `shutdown` is cancelled, then drains and returns.
@@ -82,8 +84,9 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     tracker.spawn(upkeep(metrics.clone(), stop.clone()));
 
     let hub = Hub::new(node_id.clone(), Broker::tracks_interest(settings.broker.kind));
-    let names = ChannelNames::new(&settings.broker.user_channel, &settings.broker.topic_channel, false);
-    let broker = Broker::new(&settings.broker, hub.clone());
+    let cluster = settings.broker.kind == BrokerKind::RedisCluster;
+    let names = ChannelNames::new(&settings.broker.user_channel, &settings.broker.topic_channel, cluster);
+    let broker = Broker::start(&settings.broker, hub.clone(), &tracker, stop.clone())?;
     let auth = Authenticator::new(&settings.auth);
     if settings.auth.insecure_uid {
         warn!("auth.insecure_uid is on: anyone can connect as any user with ?uid=");

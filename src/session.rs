@@ -49,6 +49,7 @@ pub struct SessionContext {
     max_per_user: usize,
     max_topics: usize,
     frames_per_second: f64,
+    subscribe_wait: Duration,
     /// Hard stop: set after the drain; every session still open ends at once.
     stop: CancellationToken,
     delivered: metrics::Counter,
@@ -68,6 +69,7 @@ impl SessionContext {
             max_per_user: settings.limits.max_connections_per_user,
             max_topics: settings.limits.max_topics_per_session,
             frames_per_second: f64::from(settings.limits.client_frames_per_second),
+            subscribe_wait: settings.broker.subscribe_wait,
             stop,
             delivered: metrics::counter!(m::MESSAGES_DELIVERED),
             latency: metrics::histogram!(m::DELIVERY_LATENCY),
@@ -132,6 +134,9 @@ where
         }
         metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
         self.ctx.hub.join(&self.user_channel, None, &self.subscriber);
+        // The welcome means "what is published from now on reaches you": wait (bounded) for
+        // the broker to confirm the subscription. Frames queued meanwhile are kept.
+        self.ctx.hub.wait_live(&self.user_channel, self.ctx.subscribe_wait).await;
 
         let reason = self.serve().await;
         self.close(reason).await;
@@ -262,6 +267,7 @@ where
             let topic: Arc<str> = topic.as_str().into();
             let channel = self.ctx.names.topic(&topic);
             self.ctx.hub.join(&channel, Some(&topic), &self.subscriber);
+            self.ctx.hub.wait_live(&channel, self.ctx.subscribe_wait).await;
             self.topics.push((channel, topic));
         }
         self.send(&ServerFrame::Subscribed { channel: topic }).await

@@ -23,7 +23,7 @@ pub const CONFIG_ENV: &str = "PUSHNODE_CONFIG";
 const ENV_PREFIX: &str = "PUSHNODE";
 const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: &[&str] = &["auth.api_keys", "auth.allowed_origins"];
+const LIST_KEYS: &[&str] = &["auth.api_keys", "auth.allowed_origins", "broker.cluster_nodes"];
 const REDACTED: &str = "<redacted>";
 /// Shortest JWT secret accepted: HS256 wants at least 256 bits of key.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -187,18 +187,55 @@ impl Default for Limits {
 pub enum BrokerKind {
     /// In-process: one node alone, no Redis.
     Memory,
+    /// One Redis server (`broker.redis_url`): SUBSCRIBE / PUBLISH.
+    Redis,
+    /// A Redis Cluster (`broker.cluster_nodes`): sharded pub/sub, SSUBSCRIBE / SPUBLISH.
+    RedisCluster,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Broker {
-    /// `memory` (one node, no Redis).
+    /// `memory` (one node, no Redis), `redis` or `redis-cluster`.
     pub kind: BrokerKind,
     /// Broker channel of a user's notifications; `{user}` stands for the user id. The classic
-    /// demo's `push:message:{user}` works.
+    /// demo's `push:message:{user}` works. In `redis-cluster` mode the id is wrapped in a hash
+    /// tag: `push:message:{42}`.
     pub user_channel: String,
     /// Broker channel of a topic; `{topic}` stands for the topic name.
     pub topic_channel: String,
+    /// Redis URL for `kind = "redis"` (`redis://[:password@]host:port[/db]`).
+    pub redis_url: String,
+    /// Seed nodes for `kind = "redis-cluster"`, e.g. `["redis://10.0.0.1:6379"]`.
+    pub cluster_nodes: Vec<String>,
+    /// A channel whose last local session left stays subscribed this long, so reconnect churn
+    /// does not turn into SUBSCRIBE/UNSUBSCRIBE traffic.
+    #[serde(with = "humantime_serde")]
+    pub unsubscribe_delay: Duration,
+    /// Channels per SUBSCRIBE / UNSUBSCRIBE command.
+    pub subscribe_batch: usize,
+    /// How often the node publishes a probe to itself through Redis.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A subscriber that has not seen its own probe for this long is reconnected, and the node
+    /// reports not ready meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Connecting to Redis gives up after this.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A Redis command (publish, subscribe) gives up after this.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Reconnect delays grow from this ...
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// ... to at most this, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// How long a new session waits for its channel's subscription before its welcome frame.
+    #[serde(with = "humantime_serde")]
+    pub subscribe_wait: Duration,
 }
 
 impl Default for Broker {
@@ -207,6 +244,17 @@ impl Default for Broker {
             kind: BrokerKind::Memory,
             user_channel: "pushnode:user:{user}".into(),
             topic_channel: "pushnode:topic:{topic}".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            cluster_nodes: Vec::new(),
+            unsubscribe_delay: Duration::from_secs(2),
+            subscribe_batch: 500,
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(2),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+            subscribe_wait: Duration::from_secs(2),
         }
     }
 }
@@ -365,6 +413,21 @@ impl Settings {
         if self.broker.user_channel.replace("{user}", "") == self.broker.topic_channel.replace("{topic}", "") {
             return Err(invalid("broker.topic_channel", "must differ from broker.user_channel"));
         }
+        if self.broker.kind == BrokerKind::RedisCluster && self.broker.cluster_nodes.is_empty() {
+            return Err(invalid("broker.cluster_nodes", "at least one seed node is required for redis-cluster"));
+        }
+        if self.broker.kind == BrokerKind::Redis && redis::parse_redis_url(&self.broker.redis_url).is_none() {
+            return Err(invalid("broker.redis_url", "not a redis:// URL"));
+        }
+        if self.broker.subscribe_batch == 0 {
+            return Err(invalid("broker.subscribe_batch", "must be at least 1"));
+        }
+        if self.broker.probe_timeout <= self.broker.probe_interval {
+            return Err(invalid("broker.probe_timeout", "must be longer than broker.probe_interval"));
+        }
+        if self.broker.reconnect_min.is_zero() || self.broker.reconnect_max < self.broker.reconnect_min {
+            return Err(invalid("broker.reconnect_max", "need 0 < reconnect_min <= reconnect_max"));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
             return Err(invalid("log.filter", format!("{:?} is not a valid filter", self.log.filter)));
         }
@@ -378,7 +441,17 @@ impl Settings {
             copy.auth.jwt_secret = REDACTED.into();
         }
         copy.auth.api_keys = copy.auth.api_keys.iter().map(|_| REDACTED.into()).collect();
+        copy.broker.redis_url = redact_url(&copy.broker.redis_url);
+        copy.broker.cluster_nodes = copy.broker.cluster_nodes.iter().map(|u| redact_url(u)).collect();
         toml::to_string(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Hides the password of a `redis://user:password@host` URL.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}{REDACTED}{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_owned(),
     }
 }
 
@@ -444,8 +517,10 @@ mod tests {
         let mut s = Settings::default();
         s.auth.jwt_secret = "a".repeat(40);
         s.auth.api_keys = vec!["k".repeat(20)];
+        s.broker.redis_url = "redis://:hunter2@redis:6379".into();
         let out = s.redacted_toml();
         assert!(!out.contains(&"a".repeat(40)) && !out.contains(&"k".repeat(20)));
+        assert!(!out.contains("hunter2") && out.contains("@redis:6379"), "{out}");
         assert!(out.contains(REDACTED));
     }
 }

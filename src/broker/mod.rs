@@ -1,25 +1,32 @@
 //! `Broker`: the cross-node transport. A node publishes a payload on a channel; every node with
 //! a local listener on that channel hands it to its [`Hub`](crate::hub::Hub).
 //!
-//! Kinds: `memory` (one node, in process). The broker knows channels and payloads, never
-//! sockets or sessions.
+//! Kinds: `memory` (one node, in process), `redis` (one server, SUBSCRIBE/PUBLISH) and
+//! `redis-cluster` (sharded pub/sub). The broker knows channels and payloads, never sockets or
+//! sessions; it learns which channels to subscribe from the hub's interest changes.
 //!
 //! Guarantee: live delivery is at most once. A payload published while a node is not
 //! subscribed (not yet, or during a reconnect) is not delivered live to that node's sessions.
 
 mod memory;
+mod redis;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
-use crate::settings;
+use crate::settings::{self, BrokerKind};
 
-pub use memory::MemoryBroker;
+pub use self::memory::MemoryBroker;
+pub use self::redis::RedisBroker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    #[error("broker configuration: {0}")]
+    Config(String),
 }
 
 /// What readiness needs to know about the broker.
@@ -32,32 +39,44 @@ pub struct BrokerStatus {
 #[derive(Debug, Clone)]
 pub enum Broker {
     Memory(MemoryBroker),
+    Redis(RedisBroker),
 }
 
 impl Broker {
-    pub fn new(settings: &settings::Broker, hub: Hub) -> Self {
-        match settings.kind {
-            settings::BrokerKind::Memory => Self::Memory(MemoryBroker::new(hub)),
-        }
+    /// Builds the broker and starts its background task (if it has one) on `tracker`.
+    pub fn start(
+        settings: &settings::Broker,
+        hub: Hub,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        Ok(match settings.kind {
+            BrokerKind::Memory => Self::Memory(MemoryBroker::new(hub)),
+            BrokerKind::Redis | BrokerKind::RedisCluster => {
+                let broker = RedisBroker::new(settings, hub)?;
+                tracker.spawn(broker.clone().run(stop));
+                Self::Redis(broker)
+            }
+        })
     }
 
-    /// Whether the hub must record interest changes for this broker.
-    pub fn tracks_interest(kind: settings::BrokerKind) -> bool {
-        match kind {
-            settings::BrokerKind::Memory => false,
-        }
+    /// Whether the hub must record interest changes for this kind of broker.
+    pub fn tracks_interest(kind: BrokerKind) -> bool {
+        !matches!(kind, BrokerKind::Memory)
     }
 
     /// Publishes `payload` on `channel`, to every node (this one included).
     pub async fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BrokerError> {
         match self {
             Self::Memory(b) => b.publish(channel, payload),
+            Self::Redis(b) => b.publish(channel, payload).await,
         }
     }
 
     pub fn status(&self) -> BrokerStatus {
         match self {
             Self::Memory(_) => BrokerStatus { ready: true },
+            Self::Redis(b) => BrokerStatus { ready: b.is_ready() },
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Test harness: a real node in-process on 127.0.0.1:0, real WebSocket and HTTP clients.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -43,6 +45,38 @@ pub fn settings() -> Settings {
     s.auth.api_keys = vec![API_KEY.into()];
     s.demo.enabled = false;
     s
+}
+
+/// Waits until `check` holds, polling every 20 ms without blocking the runtime.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Settings for a node on a real Redis, with short timers so faults show quickly.
+pub fn on_redis(s: &mut Settings, url: &str) {
+    s.broker.kind = pushnode::settings::BrokerKind::Redis;
+    s.broker.redis_url = url.to_owned();
+    fast_broker(s);
+}
+
+pub fn on_cluster(s: &mut Settings, nodes: &[String]) {
+    s.broker.kind = pushnode::settings::BrokerKind::RedisCluster;
+    s.broker.cluster_nodes = nodes.to_vec();
+    fast_broker(s);
+}
+
+fn fast_broker(s: &mut Settings) {
+    s.broker.unsubscribe_delay = Duration::from_millis(100);
+    s.broker.probe_interval = Duration::from_millis(200);
+    s.broker.probe_timeout = Duration::from_secs(1);
+    s.broker.reconnect_min = Duration::from_millis(20);
+    s.broker.reconnect_max = Duration::from_millis(400);
+    s.broker.connect_timeout = Duration::from_millis(500);
+    s.broker.command_timeout = Duration::from_secs(1);
 }
 
 impl TestNode {
@@ -115,6 +149,19 @@ impl TestNode {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Waits until `/readyz` answers `status` (polling every 10 ms, bounded by [`WAIT`]).
+    pub async fn wait_ready(&self, status: u16) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (now, body) = self.get("/readyz").await;
+            if now == status {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "/readyz stayed {now}: {body}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {

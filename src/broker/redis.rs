@@ -1,0 +1,585 @@
+//! The Redis broker: one Redis server (SUBSCRIBE / PUBLISH) or a Redis Cluster with sharded
+//! pub/sub (SSUBSCRIBE / SPUBLISH, grouped by slot).
+//!
+//! One task owns the subscriber connection (RESP3; in cluster mode one connection per shard,
+//! managed by the `redis` crate) and reconciles what Redis has with what the hub wants:
+//! - the first local session of a channel makes it SUBSCRIBE (in batches of
+//!   `broker.subscribe_batch`); the hub is told the channel is live once Redis confirmed;
+//! - when the last session leaves, the channel stays subscribed for `broker.unsubscribe_delay`
+//!   and is UNSUBSCRIBEd only if nobody came back (reconnect churn costs no commands);
+//! - after a lost connection it reconnects with jittered exponential backoff and
+//!   resubscribes every wanted channel in batches;
+//! - every `broker.probe_interval` it publishes a probe on its own probe channel through the
+//!   publisher connection; a subscriber that has not seen a probe for `broker.probe_timeout`
+//!   is treated as dead (connected but no longer receiving) and reconnected, and readiness
+//!   fails meanwhile.
+//!
+//! Incoming messages are handed to [`Hub::deliver`] inside the connection's push callback: no
+//! channel and no task per message. Publishing uses a separate connection and fails fast
+//! (`broker.connect_timeout`, `broker.command_timeout`) while Redis is unreachable.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use redis::aio::MultiplexedConnection;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::Notify;
+use tokio::time::{Instant, MissedTickBehavior, interval, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::BrokerError;
+use crate::hub::Hub;
+use crate::metrics as m;
+use crate::protocol::now_micros;
+use crate::settings::{self, BrokerKind};
+
+/// Where to connect.
+#[derive(Clone)]
+enum Target {
+    Single(redis::Client),
+    Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // URLs may carry passwords; say only which mode.
+        f.write_str(match self {
+            Self::Single(_) => "Single",
+            Self::Cluster(_) => "Cluster",
+        })
+    }
+}
+
+/// One connection, to a server or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    target: Target,
+    settings: settings::Broker,
+    hub: Hub,
+    shared: Arc<Shared>,
+    publisher: Mutex<Option<PublisherConn>>,
+    /// Serialises publisher (re)connects so an outage does not open one connection per request.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// State shared with the push callback, which runs on the connection's reader.
+#[derive(Debug)]
+struct Shared {
+    hub: Hub,
+    probe_channel: Arc<str>,
+    /// Microseconds since the epoch when this node last received its own probe.
+    last_probe_us: AtomicU64,
+    /// Subscriber connected and every wanted channel confirmed.
+    synced: AtomicBool,
+    /// The subscriber connection (or, in cluster mode, one of its shard connections) dropped.
+    disconnected: Notify,
+}
+
+struct PublisherConn(Conn);
+
+impl std::fmt::Debug for PublisherConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PublisherConn")
+    }
+}
+
+impl RedisBroker {
+    pub fn new(settings: &settings::Broker, hub: Hub) -> Result<Self, BrokerError> {
+        let target = match settings.kind {
+            BrokerKind::RedisCluster => Target::Cluster(settings.cluster_nodes.clone()),
+            _ => {
+                let info = settings
+                    .redis_url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| BrokerError::Config(format!("broker.redis_url: {e}")))?;
+                let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(resp3))
+                    .map_err(|e| BrokerError::Config(format!("broker.redis_url: {e}")))?;
+                Target::Single(client)
+            }
+        };
+        // Braces make the probe channel a hash tag in cluster mode; harmless elsewhere.
+        let probe_channel: Arc<str> = format!("pushnode:probe:{{{}}}", hub.node_id()).into();
+        let shared = Arc::new(Shared {
+            hub: hub.clone(),
+            probe_channel,
+            last_probe_us: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            disconnected: Notify::new(),
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                target,
+                settings: settings.clone(),
+                hub,
+                shared,
+                publisher: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Connected, subscribed to every wanted channel, and the probe came back recently.
+    pub fn is_ready(&self) -> bool {
+        let shared = &self.inner.shared;
+        let fresh = now_micros().saturating_sub(shared.last_probe_us.load(Ordering::Acquire))
+            < self.inner.settings.probe_timeout.as_micros() as u64;
+        shared.synced.load(Ordering::Acquire) && fresh
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.inner.target, Target::Cluster(_))
+    }
+
+    /// PUBLISH (or SPUBLISH in cluster mode), failing fast while Redis is unreachable.
+    pub async fn publish(&self, channel: &str, payload: Bytes) -> Result<(), BrokerError> {
+        let command = if self.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let mut conn = self.publisher().await?;
+        let cmd = redis::cmd(command).arg(channel).arg(payload.as_ref()).clone();
+        let result = match &mut conn {
+            Conn::Single(c) => timeout(self.inner.settings.command_timeout, cmd.query_async::<i64>(c)).await,
+            Conn::Cluster(c) => timeout(self.inner.settings.command_timeout, cmd.query_async::<i64>(c)).await,
+        };
+        metrics::counter!(m::BROKER_COMMANDS, "command" => command).increment(1);
+        match result {
+            Ok(Ok(_receivers)) => Ok(()),
+            Ok(Err(e)) => {
+                self.drop_publisher();
+                Err(BrokerError::Unavailable(format!("{command} failed: {e}")))
+            }
+            Err(_) => {
+                self.drop_publisher();
+                Err(BrokerError::Unavailable(format!("{command} timed out")))
+            }
+        }
+    }
+
+    fn drop_publisher(&self) {
+        *self.inner.publisher.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn cached_publisher(&self) -> Option<Conn> {
+        self.inner.publisher.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.0.clone())
+    }
+
+    async fn publisher(&self) -> Result<Conn, BrokerError> {
+        if let Some(conn) = self.cached_publisher() {
+            return Ok(conn);
+        }
+        let _connecting = self.inner.connecting.lock().await;
+        if let Some(conn) = self.cached_publisher() {
+            return Ok(conn);
+        }
+        let conn = self.connect(None).await?;
+        *self.inner.publisher.lock().unwrap_or_else(|p| p.into_inner()) = Some(PublisherConn(conn.clone()));
+        Ok(conn)
+    }
+
+    /// Opens a connection; with `push` it is a subscriber whose messages go to the hub.
+    async fn connect(&self, push: Option<Arc<Shared>>) -> Result<Conn, BrokerError> {
+        let s = &self.inner.settings;
+        let attempt = async {
+            match &self.inner.target {
+                Target::Single(client) => {
+                    let mut config = AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(s.connect_timeout))
+                        .set_response_timeout(Some(s.command_timeout));
+                    if let Some(shared) = push {
+                        config = config.set_push_sender(move |info| shared.on_push(info));
+                    }
+                    client.get_multiplexed_async_connection_with_config(&config).await.map(Conn::Single)
+                }
+                Target::Cluster(nodes) => {
+                    let mut builder = ClusterClientBuilder::new(nodes.clone())
+                        .use_protocol(ProtocolVersion::RESP3)
+                        .connection_timeout(s.connect_timeout)
+                        .response_timeout(s.command_timeout)
+                        .retries(2);
+                    if let Some(shared) = push {
+                        builder = builder.push_sender(move |info| shared.on_push(info));
+                    }
+                    let client = builder.build()?;
+                    client.get_async_connection().await.map(Conn::Cluster)
+                }
+            }
+        };
+        match timeout(s.connect_timeout + s.command_timeout, attempt).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(format!("cannot connect to Redis: {e}"))),
+            Err(_) => Err(BrokerError::Unavailable("connecting to Redis timed out".into())),
+        }
+    }
+
+    /// The subscriber task: runs until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(self.inner.settings.reconnect_min, self.inner.settings.reconnect_max);
+        loop {
+            let conn = tokio::select! {
+                conn = self.connect(Some(self.inner.shared.clone())) => conn,
+                () = stop.cancelled() => return,
+            };
+            match conn {
+                Ok(conn) => {
+                    info!("broker subscriber connected");
+                    self.inner.hub.set_broker_up(true);
+                    let outcome = Subscription::new(&self, conn).run(&stop, &mut backoff).await;
+                    self.inner.shared.synced.store(false, Ordering::Release);
+                    self.inner.hub.mark_all_down();
+                    if outcome == Outcome::Stopped {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "broker subscriber cannot connect"),
+            }
+            metrics::counter!(m::BROKER_RECONNECTS).increment(1);
+            tokio::select! {
+                () = sleep(backoff.next()) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Runs on the connection's reader for every push: hand messages to the hub, note probes
+    /// and disconnections. Must not block.
+    fn on_push(&self, info: PushInfo) -> Result<(), Infallible> {
+        match info.kind {
+            PushKind::Message | PushKind::SMessage => {
+                let mut data = info.data.into_iter();
+                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next())
+                {
+                    let Ok(channel) = std::str::from_utf8(&channel) else { return Ok(()) };
+                    if channel == &*self.probe_channel {
+                        let now = now_micros();
+                        self.last_probe_us.store(now, Ordering::Release);
+                        metrics::gauge!(m::BROKER_PROBE_LAST_SUCCESS).set(now as f64 / 1e6);
+                    } else {
+                        self.hub.deliver(channel, &Bytes::from(payload));
+                    }
+                }
+            }
+            PushKind::Disconnection => self.disconnected.notify_one(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Stopped,
+    Lost,
+}
+
+/// One connected subscriber and the reconciliation of its channels with the hub's.
+struct Subscription<'a> {
+    broker: &'a RedisBroker,
+    conn: Conn,
+    /// Confirmed by Redis.
+    subscribed: HashSet<Arc<str>>,
+    /// Wanted but not (yet) confirmed: retried with backoff.
+    pending: HashSet<Arc<str>>,
+    /// Unwanted but still subscribed, until the deadline (hysteresis).
+    lingering: HashMap<Arc<str>, Instant>,
+}
+
+impl<'a> Subscription<'a> {
+    fn new(broker: &'a RedisBroker, conn: Conn) -> Self {
+        Self { broker, conn, subscribed: HashSet::new(), pending: HashSet::new(), lingering: HashMap::new() }
+    }
+
+    async fn run(mut self, stop: &CancellationToken, backoff: &mut Backoff) -> Outcome {
+        let inner = &self.broker.inner;
+        let settings = &inner.settings;
+        let shared = inner.shared.clone();
+
+        // Full sync: every channel the hub wants, plus the probe channel.
+        let started = Instant::now();
+        inner.hub.take_interest_changes();
+        self.pending.extend(inner.hub.wanted_channels());
+        self.pending.insert(shared.probe_channel.clone());
+        if !self.flush_pending().await {
+            return Outcome::Lost;
+        }
+        metrics::histogram!(m::BROKER_RESUBSCRIBE_DURATION).record(started.elapsed().as_secs_f64());
+        debug!(channels = self.subscribed.len(), elapsed = ?started.elapsed(), "broker subscribed");
+        backoff.reset();
+
+        let connected_at = Instant::now();
+        let mut probe = interval(settings.probe_interval);
+        probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut housekeeping = interval((settings.unsubscribe_delay / 2).max(Duration::from_millis(10)));
+        housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut retry_at: Option<Instant> = None;
+
+        loop {
+            shared.synced.store(self.pending.is_empty(), Ordering::Release);
+            tokio::select! {
+                () = stop.cancelled() => return Outcome::Stopped,
+                () = shared.disconnected.notified() => {
+                    if matches!(self.conn, Conn::Cluster(_)) {
+                        // One shard connection dropped; the client reconnects it. Subscribing
+                        // again is idempotent, so re-assert every channel.
+                        warn!("a cluster shard connection dropped; resubscribing");
+                        let all: Vec<_> = self.subscribed.drain().collect();
+                        self.pending.extend(all);
+                        retry_at = Some(Instant::now() + backoff.next());
+                    } else {
+                        warn!("broker subscriber connection lost");
+                        return Outcome::Lost;
+                    }
+                }
+                () = inner.hub.interest_notified() => {
+                    self.on_interest_changes();
+                    if !self.flush_pending().await && !self.is_cluster() {
+                        return Outcome::Lost;
+                    }
+                }
+                _ = housekeeping.tick() => {
+                    if !self.unsubscribe_expired().await && !self.is_cluster() {
+                        return Outcome::Lost;
+                    }
+                    if retry_at.is_some_and(|at| at <= Instant::now()) || (retry_at.is_none() && !self.pending.is_empty()) {
+                        retry_at = if self.flush_pending().await { None } else { Some(Instant::now() + backoff.next()) };
+                        if retry_at.is_none() {
+                            backoff.reset();
+                        }
+                    }
+                }
+                _ = probe.tick() => {
+                    let payload = Bytes::from(now_micros().to_string());
+                    if let Err(e) = self.broker.publish(&shared.probe_channel, payload).await {
+                        debug!(error = %e, "probe publish failed");
+                    }
+                    let silent_us = now_micros().saturating_sub(shared.last_probe_us.load(Ordering::Acquire));
+                    if connected_at.elapsed() > settings.probe_timeout
+                        && silent_us > settings.probe_timeout.as_micros() as u64
+                    {
+                        warn!(silent = ?Duration::from_micros(silent_us), "broker subscriber receives nothing; reconnecting");
+                        return Outcome::Lost;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// Sorts the hub's interest changes into subscribe, keep, or linger.
+    fn on_interest_changes(&mut self) {
+        let hub = &self.broker.inner.hub;
+        let delay = self.broker.inner.settings.unsubscribe_delay;
+        let mut live = Vec::new();
+        for channel in hub.take_interest_changes() {
+            if hub.is_wanted(&channel) {
+                self.lingering.remove(&channel);
+                if self.subscribed.contains(&channel) {
+                    live.push(channel);
+                } else {
+                    self.pending.insert(channel);
+                }
+            } else {
+                self.pending.remove(&channel);
+                if self.subscribed.contains(&channel) {
+                    self.lingering.entry(channel).or_insert_with(|| Instant::now() + delay);
+                }
+            }
+        }
+        hub.mark_live(&live);
+    }
+
+    /// Subscribes every pending channel in batches. False if a command failed (the failed
+    /// channels stay pending).
+    async fn flush_pending(&mut self) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        let hub = &self.broker.inner.hub;
+        let probe = &self.broker.inner.shared.probe_channel;
+        let channels: Vec<Arc<str>> = self.pending.drain().filter(|c| c == probe || hub.is_wanted(c)).collect();
+        let mut ok = true;
+        for batch in channels.chunks(self.broker.inner.settings.subscribe_batch) {
+            let failed = self.command(Command::Subscribe, batch).await;
+            ok &= failed.is_empty();
+            for channel in batch {
+                if !failed.contains(channel) {
+                    self.subscribed.insert(channel.clone());
+                }
+            }
+            hub.mark_live(batch);
+            self.pending.extend(failed);
+        }
+        metrics::gauge!(m::BROKER_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
+        ok
+    }
+
+    /// Unsubscribes channels whose linger ran out and that nobody wants again.
+    async fn unsubscribe_expired(&mut self) -> bool {
+        let now = Instant::now();
+        let hub = &self.broker.inner.hub;
+        let due: Vec<Arc<str>> = self.lingering.iter().filter(|(_, at)| **at <= now).map(|(c, _)| c.clone()).collect();
+        let mut expired = Vec::with_capacity(due.len());
+        for channel in due {
+            self.lingering.remove(&channel);
+            if !hub.is_wanted(&channel) {
+                expired.push(channel);
+            }
+        }
+        let mut ok = true;
+        for batch in expired.chunks(self.broker.inner.settings.subscribe_batch) {
+            let failed = self.command(Command::Unsubscribe, batch).await;
+            ok &= failed.is_empty();
+            for channel in batch {
+                if !failed.contains(channel) {
+                    self.subscribed.remove(channel);
+                }
+            }
+            // A failed unsubscribe is retried at the next linger check.
+            for channel in failed {
+                self.lingering.insert(channel, now);
+            }
+        }
+        metrics::gauge!(m::BROKER_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
+        ok
+    }
+
+    /// Runs one (S)SUBSCRIBE / (S)UNSUBSCRIBE batch and returns the channels that failed. In
+    /// cluster mode channels are grouped by slot (a sharded command must stay in one slot) and
+    /// the groups run concurrently.
+    async fn command(&mut self, command: Command, batch: &[Arc<str>]) -> Vec<Arc<str>> {
+        let limit = self.broker.inner.settings.command_timeout;
+        match &mut self.conn {
+            Conn::Single(conn) => {
+                let name = command.name(false);
+                metrics::counter!(m::BROKER_COMMANDS, "command" => name).increment(1);
+                let names: Vec<&str> = batch.iter().map(|c| &**c).collect();
+                let result = match command {
+                    Command::Subscribe => timeout(limit, conn.subscribe(&names)).await,
+                    Command::Unsubscribe => timeout(limit, conn.unsubscribe(&names)).await,
+                };
+                match result {
+                    Ok(Ok(())) => Vec::new(),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, command = name, "broker command failed");
+                        batch.to_vec()
+                    }
+                    Err(_) => {
+                        warn!(command = name, "broker command timed out");
+                        batch.to_vec()
+                    }
+                }
+            }
+            Conn::Cluster(conn) => {
+                let name = command.name(true);
+                let mut groups: HashMap<Slot, Vec<Arc<str>>> = HashMap::new();
+                for channel in batch {
+                    groups.entry(Slot::for_key(channel.as_bytes())).or_default().push(channel.clone());
+                }
+                metrics::counter!(m::BROKER_COMMANDS, "command" => name).increment(groups.len() as u64);
+                let runs = groups.into_values().map(|group| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let names: Vec<&str> = group.iter().map(|c| &**c).collect();
+                        let result = match command {
+                            Command::Subscribe => timeout(limit, conn.ssubscribe(&names)).await,
+                            Command::Unsubscribe => timeout(limit, conn.sunsubscribe(&names)).await,
+                        };
+                        match result {
+                            Ok(Ok(())) => Vec::new(),
+                            Ok(Err(e)) => {
+                                debug!(error = %e, command = name, "broker command failed");
+                                group
+                            }
+                            Err(_) => group,
+                        }
+                    }
+                });
+                join_all(runs).await.into_iter().flatten().collect()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Command {
+    Subscribe,
+    Unsubscribe,
+}
+
+impl Command {
+    const fn name(self, sharded: bool) -> &'static str {
+        match (self, sharded) {
+            (Self::Subscribe, false) => "SUBSCRIBE",
+            (Self::Unsubscribe, false) => "UNSUBSCRIBE",
+            (Self::Subscribe, true) => "SSUBSCRIBE",
+            (Self::Unsubscribe, true) => "SUNSUBSCRIBE",
+        }
+    }
+}
+
+/// Jittered exponential backoff: a random delay between half and all of `min * 2^attempt`,
+/// capped at `max`. The jitter spreads many nodes' reconnects after a shared Redis restart.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, attempt: 0 }
+    }
+
+    fn next(&mut self) -> Duration {
+        let cap = self.min.saturating_mul(1 << self.attempt.min(16)).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let cap_ms = cap.as_millis().max(1) as u64;
+        Duration::from_millis(fastrand::u64(cap_ms / 2..=cap_ms))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        assert!(b.next() <= Duration::from_millis(50));
+        for _ in 0..20 {
+            assert!(b.next() <= Duration::from_secs(2));
+        }
+        assert!(b.next() >= Duration::from_secs(1), "capped delays keep at least half the cap");
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,184 @@
+//! Real Redis for tests: `redis-server` processes on free ports, started and stopped by the
+//! harness, and a real 3-master Redis Cluster built with `redis-cli --cluster create`.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` child process on its own port and directory.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    cluster: bool,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map_err(|e| format!("redis-cli: {e} (install redis-tools)"))?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() && !text.starts_with("ERR") { Ok(text) } else { Err(text) }
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::spawn(free_port(), false)
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        Self::spawn(port, false)
+    }
+
+    fn spawn(port: u16, cluster: bool) -> Self {
+        let dir = std::env::temp_dir().join(format!("pushnode-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self { port, dir, child: None, cluster };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.cluster {
+            command.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]);
+        }
+        self.child = Some(command.spawn().expect("cannot start redis-server (install redis-server)"));
+        self.wait_until(|s| s.cli(&["PING"]).is_ok_and(|r| r == "PONG"), "redis-server never answered PING");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        redis_cli(self.port, args)
+    }
+
+    /// Kills the server (SIGKILL: as abrupt as a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (and, in a cluster, with the same node identity).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// `PUBSUB NUMSUB channel` (or SHARDNUMSUB on a cluster node).
+    pub fn numsub(&self, channel: &str) -> u64 {
+        let sub = if self.cluster { "SHARDNUMSUB" } else { "NUMSUB" };
+        let out = self.cli(&["PUBSUB", sub, channel]).unwrap();
+        out.lines().nth(1).unwrap_or("0").trim().parse().unwrap_or(0)
+    }
+
+    /// How many times `command` ran, from `INFO commandstats`.
+    pub fn calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]).unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    pub fn wait_until(&self, mut check: impl FnMut(&Self) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !check(self) {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A 3-master Redis Cluster, no replicas.
+pub struct RedisCluster {
+    pub masters: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let masters: Vec<RedisServer> = (0..3).map(|_| RedisServer::spawn(free_port(), true)).collect();
+        let addresses: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = Self { masters };
+        for m in &cluster.masters {
+            m.wait_until(
+                |s| s.cli(&["CLUSTER", "INFO"]).is_ok_and(|i| i.contains("cluster_state:ok")),
+                "cluster never reached state ok",
+            );
+        }
+        cluster
+    }
+
+    pub fn nodes(&self) -> Vec<String> {
+        self.masters.iter().map(RedisServer::url).collect()
+    }
+
+    /// The master serving `key`'s slot.
+    pub fn master_for(&mut self, key: &str) -> &mut RedisServer {
+        let slot: u64 = self.masters[0].cli(&["CLUSTER", "KEYSLOT", key]).unwrap().parse().unwrap();
+        let slots = self.masters[0].cli(&["CLUSTER", "SLOTS"]).unwrap();
+        // Lines: start, end, ip, port, id, ... repeated per range.
+        let lines: Vec<&str> = slots.lines().map(str::trim).collect();
+        let mut port = None;
+        for window in lines.windows(4) {
+            if let (Ok(start), Ok(end)) = (window[0].parse::<u64>(), window[1].parse::<u64>())
+                && window[2] == "127.0.0.1"
+                && (start..=end).contains(&slot)
+            {
+                port = window[3].parse::<u16>().ok();
+                break;
+            }
+        }
+        let port = port.expect("slot owner not found");
+        self.masters.iter_mut().find(|m| m.port == port).unwrap()
+    }
+
+    /// Total subscribers of a sharded channel over all masters.
+    pub fn shard_numsub(&self, channel: &str) -> u64 {
+        self.masters.iter().map(|m| m.numsub(channel)).sum()
+    }
+
+    pub fn calls(&self, command: &str) -> u64 {
+        self.masters.iter().map(|m| m.calls(command)).sum()
+    }
+}

@@ -1,0 +1,201 @@
+//! Cluster mode on one real Redis server: nodes subscribe per connected user, deliver across
+//! nodes, accept plain PUBLISH (the classic demo) and Laravel broadcasts, clean up their
+//! subscriptions, and survive Redis faults.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::{Client, TestNode, WAIT, eventually, on_redis};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_node_reaches_the_users_sessions_on_every_node() {
+    let redis = RedisServer::start();
+    let a = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    let b = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+    let mut on_a = a.connect("42").await;
+    let mut on_b = b.connect("42").await;
+    let mut other = b.connect("43").await;
+
+    let (status, body) = a.publish(json!({ "user": "42", "data": { "n": 1 } })).await;
+    assert_eq!(status, 200, "{body}");
+    for client in [&mut on_a, &mut on_b] {
+        let n = client.next_json().await;
+        assert_eq!((n["id"].as_str(), n["data"]["n"].as_u64()), (body["id"].as_str(), Some(1)));
+    }
+    let (status, _) = b.publish(json!({ "users": ["42", "43"], "data": 2 })).await;
+    assert_eq!(status, 200);
+    assert_eq!(on_a.next_json().await["data"], 2);
+    assert_eq!(on_b.next_json().await["data"], 2);
+    assert_eq!(other.next_json().await["data"], 2);
+    other.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classic_demo_pair_works_unchanged_over_redis() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.broker.user_channel = "push:message:{user}".into();
+        s.auth.insecure_uid = true;
+        s.session.default_format = pushnode::protocol::Format::Raw;
+    })
+    .await;
+    node.wait_ready(200).await;
+    // The classic page: new WebSocket("ws://host:9501/?uid=1"), JSON.parse(e.data).cnt
+    let mut page = Client::connect(&format!("ws://{}/?uid=1", node.public)).await.unwrap();
+    eventually("node never subscribed push:message:1", || redis.numsub("push:message:1") == 1).await;
+    // The classic Laravel line: Redis::publish('push:message:1', json_encode(['cnt' => 5]));
+    assert_eq!(redis.cli(&["PUBLISH", "push:message:1", r#"{"cnt":5}"#]).unwrap(), "1");
+    assert_eq!(page.next_text().await, r#"{"cnt":5}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_laravel_broadcast_reaches_the_user_as_a_notification() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.broker.user_channel = "laravel_database_private-App.Models.User.{user}".into();
+    })
+    .await;
+    node.wait_ready(200).await;
+    let mut client = node.connect("42").await;
+    // What Laravel's redis broadcaster publishes for broadcast(new OrderShipped($order)).
+    let payload = r#"{"event":"App\\Events\\OrderShipped","data":{"order":{"id":7}},"socket":null}"#;
+    redis.cli(&["PUBLISH", "laravel_database_private-App.Models.User.42", payload]).unwrap();
+    let n = client.next_json().await;
+    assert_eq!(n["type"], "notification");
+    assert_eq!(n["event"], "App\\Events\\OrderShipped");
+    assert_eq!(n["data"], json!({ "order": { "id": 7 } }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_follow_sessions_and_drop_to_zero_when_they_leave() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    node.wait_ready(200).await;
+    let url = node.ws_url(&format!("token={}", node.token_with("7", &["news"])));
+    let mut client = Client::connect(&url).await.unwrap();
+    client.next_json().await;
+    let second = node.connect("7").await;
+    client.send_json(json!({ "type": "subscribe", "channel": "news" })).await;
+    assert_eq!(client.next_json().await["type"], "subscribed");
+    assert_eq!(redis.numsub("pushnode:user:7"), 1, "one subscription for two sessions");
+    assert_eq!(redis.numsub("pushnode:topic:news"), 1);
+
+    drop(client);
+    drop(second);
+    eventually("subscriptions left behind after every session left", || {
+        redis.numsub("pushnode:user:7") == 0 && redis.numsub("pushnode:topic:news") == 0
+    })
+    .await;
+    // Nothing but the node's own probe channel remains.
+    let channels = redis.cli(&["PUBSUB", "CHANNELS", "pushnode:user:*"]).unwrap();
+    assert!(channels.is_empty(), "stray subscriptions: {channels}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_churn_costs_far_fewer_commands_than_sessions() {
+    const ROUNDS: usize = 40;
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.broker.unsubscribe_delay = Duration::from_millis(500);
+    })
+    .await;
+    node.wait_ready(200).await;
+    let before = (redis.calls("subscribe"), redis.calls("unsubscribe"));
+    for _ in 0..ROUNDS {
+        let client = node.connect("churn").await;
+        drop(client);
+    }
+    eventually("churned channel never unsubscribed", || redis.numsub("pushnode:user:churn") == 0).await;
+    let subscribes = redis.calls("subscribe") - before.0;
+    let unsubscribes = redis.calls("unsubscribe") - before.1;
+    assert!(
+        subscribes <= 3 && unsubscribes <= 3,
+        "{ROUNDS} sessions cost {subscribes} SUBSCRIBE, {unsubscribes} UNSUBSCRIBE"
+    );
+    let channels = redis.cli(&["PUBSUB", "CHANNELS", "pushnode:user:*"]).unwrap();
+    assert!(channels.is_empty(), "stray subscriptions: {channels}");
+}
+
+/// Publishes until the client receives one (bounded), returning how long it took.
+async fn delivery_resumes(node: &TestNode, client: &mut Client, user: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, body) = node.publish(json!({ "user": user, "data": "probe" })).await;
+        if status == 200 {
+            let got = tokio::time::timeout(Duration::from_millis(150), client.next_json()).await;
+            if let Ok(n) = got {
+                assert_eq!(n["data"], "probe", "{n}");
+                // Drain duplicates of earlier attempts that arrived late, if any.
+                return started.elapsed();
+            }
+        } else {
+            assert_eq!(status, 503, "{body}");
+        }
+        assert!(started.elapsed() < WAIT, "delivery never resumed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_connection_is_restored_and_readiness_dips() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    node.wait_ready(200).await;
+    let mut client = node.connect("k").await;
+
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    assert_eq!(killed, "1", "expected exactly the node's subscriber");
+    node.wait_ready(503).await;
+    node.wait_ready(200).await;
+    let resumed = delivery_resumes(&node, &mut client, "k").await;
+    assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
+    eventually("channel not resubscribed", || redis.numsub("pushnode:user:k") == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_keeps_sessions_and_publishing_fails_fast_meanwhile() {
+    let mut redis = RedisServer::start();
+    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    node.wait_ready(200).await;
+    let mut client = node.connect("r").await;
+
+    redis.kill();
+    node.wait_ready(503).await;
+    let started = Instant::now();
+    let (status, body) = node.publish(json!({ "user": "r", "data": 1 })).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("broker unavailable"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "publish took {:?} during the outage", started.elapsed());
+
+    redis.restart();
+    let restarted = Instant::now();
+    node.wait_ready(200).await;
+    delivery_resumes(&node, &mut client, "r").await;
+    assert!(restarted.elapsed() < Duration::from_secs(3), "resumed {:?} after restart", restarted.elapsed());
+    // The session itself never noticed.
+    client.send_json(json!({ "type": "ping" })).await;
+    assert_eq!(client.next_json().await["type"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starts_without_redis_and_becomes_ready_when_it_appears() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = TestNode::with(|s| on_redis(s, &format!("redis://127.0.0.1:{port}"))).await;
+    node.wait_ready(503).await;
+    let mut client = node.connect("late").await;
+    let (status, _) = node.publish(json!({ "user": "late", "data": 1 })).await;
+    assert_eq!(status, 503);
+
+    let redis = common::redis::RedisServer::start_on(port);
+    node.wait_ready(200).await;
+    delivery_resumes(&node, &mut client, "late").await;
+    drop(redis);
+}
