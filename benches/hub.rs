@@ -1,1 +1,76 @@
-fn main() {}
+//! Criterion benchmarks of the hot paths that need no sockets or Redis: hub fan-out, frame
+//! encoding and token verification. Run: `cargo bench --bench hub`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use pushnode::auth::Authenticator;
+use pushnode::hub::{Hub, Subscriber};
+use pushnode::outbox::Outbox;
+use pushnode::protocol::{Delivery, Envelope, Format};
+use serde_json::value::RawValue;
+
+fn payload() -> Bytes {
+    let data = RawValue::from_string(r#"{"title":"New comment","body":"Someone replied to your post","cnt":3}"#.into())
+        .expect("valid JSON");
+    Envelope::new("bench-1", Some("comment"), &data).encode()
+}
+
+/// Fan-out of one message to N local sessions of one channel. Outboxes are drained after
+/// each delivery so they never fill (the writer's side is not measured here).
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hub_fanout");
+    let payload = payload();
+    for sessions in [1usize, 1_000, 10_000] {
+        let hub = Hub::new("bench", false);
+        let channel: Arc<str> = "pushnode:topic:all".into();
+        let subscribers: Vec<Arc<Subscriber>> = (0..sessions)
+            .map(|i| {
+                let s = Arc::new(Subscriber {
+                    id: hub.next_session_id(),
+                    user: format!("u{i}").into(),
+                    format: Format::Json,
+                    outbox: Outbox::new(1024),
+                });
+                hub.join(&channel, Some(&"all".into()), &s);
+                s
+            })
+            .collect();
+        let mut batch = Vec::new();
+        group.throughput(Throughput::Elements(sessions as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(sessions), &sessions, |b, _| {
+            b.iter(|| {
+                let fanout = hub.deliver(&channel, &payload);
+                for s in &subscribers {
+                    s.outbox.drain_into(&mut batch);
+                    batch.clear();
+                }
+                fanout
+            })
+        });
+    }
+    group.finish();
+}
+
+fn encoding(c: &mut Criterion) {
+    let payload = payload();
+    let foreign = Bytes::from_static(br#"{"cnt":5}"#);
+    let mut group = c.benchmark_group("frame_encoding");
+    group.bench_function("envelope", |b| b.iter(|| Delivery::decode(&payload, None, || unreachable!())));
+    group.bench_function("foreign_payload", |b| b.iter(|| Delivery::decode(&foreign, None, || "n-1".to_owned())));
+    group.finish();
+}
+
+fn tokens(c: &mut Criterion) {
+    let auth = Authenticator::new(&pushnode::settings::Auth {
+        jwt_secret: "bench-secret-bench-secret-bench-secret".into(),
+        ..Default::default()
+    });
+    let token = auth.issue("42", Duration::from_secs(3600), vec!["news".into()]).expect("token");
+    c.bench_function("token_verify", |b| b.iter(|| auth.verify(&token).expect("valid")));
+}
+
+criterion_group!(benches, fanout, encoding, tokens);
+criterion_main!(benches);

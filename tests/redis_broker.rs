@@ -199,3 +199,30 @@ async fn a_node_starts_without_redis_and_becomes_ready_when_it_appears() {
     delivery_resumes(&node, &mut client, "late").await;
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_silently_stops_receiving_is_detected_by_the_probe() {
+    let redis = RedisServer::start();
+    let path = common::proxy::Blackhole::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let node = TestNode::with(|s| on_redis(s, &format!("redis://{}", path.addr))).await;
+    node.wait_ready(200).await;
+    let mut client = node.connect("s").await;
+    let subscriber_ids = || -> Vec<String> {
+        let list = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]).unwrap();
+        list.lines().filter_map(|l| l.split(' ').next()).map(str::to_owned).collect()
+    };
+    let before = subscriber_ids();
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // The subscriber's connection stays open but nothing reaches it any more.
+    path.freeze_existing();
+    node.wait_ready(503).await;
+    node.wait_ready(200).await;
+    delivery_resumes(&node, &mut client, "s").await;
+    // A new subscriber connection replaced the silent one, which the node let go.
+    eventually("the silent subscriber was not replaced", || {
+        let now = subscriber_ids();
+        now.len() == 1 && now != before
+    })
+    .await;
+}

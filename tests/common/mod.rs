@@ -1,6 +1,7 @@
 //! Test harness: a real node in-process on 127.0.0.1:0, real WebSocket and HTTP clients.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod proxy;
 pub mod redis;
 
 use std::net::SocketAddr;

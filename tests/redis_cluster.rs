@@ -1,0 +1,80 @@
+//! Cluster mode on a real 3-master Redis Cluster with sharded pub/sub (SSUBSCRIBE/SPUBLISH).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisCluster;
+use common::{TestNode, WAIT, eventually, on_cluster};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_delivery_across_nodes_and_cleanup() {
+    let cluster = RedisCluster::start();
+    let a = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
+    let b = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+
+    // Users whose channels land on different shards.
+    let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
+    let mut on_a = Vec::new();
+    let mut on_b = Vec::new();
+    for user in &users {
+        on_a.push(a.connect(user).await);
+        on_b.push(b.connect(user).await);
+    }
+    for user in &users {
+        // The hash tag keeps a user's channel (and later its inbox keys) in one slot.
+        assert_eq!(cluster.shard_numsub(&format!("pushnode:user:{{{user}}}")), 2, "{user}");
+    }
+    let (status, body) = a.publish(json!({ "users": users, "data": "all" })).await;
+    assert_eq!(status, 200, "{body}");
+    for client in on_a.iter_mut().chain(on_b.iter_mut()) {
+        assert_eq!(client.next_json().await["data"], "all");
+    }
+    let (status, _) = b.publish(json!({ "user": "user3", "data": "one" })).await;
+    assert_eq!(status, 200);
+    assert_eq!(on_a[3].next_json().await["data"], "one");
+    assert_eq!(on_b[3].next_json().await["data"], "one");
+    on_a[4].expect_silence(Duration::from_millis(200)).await;
+
+    drop(on_a);
+    drop(on_b);
+    eventually("sharded subscriptions left behind", || {
+        users.iter().all(|u| cluster.shard_numsub(&format!("pushnode:user:{{{u}}}")) == 0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_survives_the_restart_of_the_master_holding_the_users_slot() {
+    let mut cluster = RedisCluster::start();
+    let node = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
+    node.wait_ready(200).await;
+    let mut client = node.connect("42").await;
+    let channel = "pushnode:user:{42}";
+
+    let master = cluster.master_for(channel);
+    master.restart();
+    let restarted = Instant::now();
+    for m in &cluster.masters {
+        m.wait_until(|s| s.cli(&["CLUSTER", "INFO"]).is_ok_and(|i| i.contains("cluster_state:ok")), "cluster not ok");
+    }
+
+    // Publish until it arrives (attempts during the outage may fail with 503).
+    loop {
+        let (status, body) = node.publish(json!({ "user": "42", "data": "after" })).await;
+        if status == 200
+            && let Ok(n) = tokio::time::timeout(Duration::from_millis(200), client.next_json()).await
+        {
+            assert_eq!(n["data"], "after");
+            break;
+        }
+        assert!(status == 200 || status == 503, "{body}");
+        assert!(restarted.elapsed() < WAIT, "delivery never resumed after the master restart");
+    }
+    eventually("channel not resubscribed on the restarted master", || cluster.shard_numsub(channel) == 1).await;
+    eprintln!("delivery resumed {:?} after the master restart", restarted.elapsed());
+}
