@@ -6,20 +6,21 @@
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, middleware};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 use crate::channel::valid_name;
 use crate::metrics as m;
 use crate::node::Node;
-use crate::protocol::Envelope;
+use crate::inbox::{InboxError, ReadScope};
+use crate::protocol::{Envelope, NoteId};
 
 /// Longest `event` name accepted.
 const MAX_EVENT_LEN: usize = 128;
@@ -27,6 +28,9 @@ const MAX_EVENT_LEN: usize = 128;
 pub fn router(node: Node) -> Router {
     let api = Router::new()
         .route("/api/publish", post(publish))
+        .route("/api/users/{user}/notifications", get(notifications))
+        .route("/api/users/{user}/unread", get(unread))
+        .route("/api/users/{user}/read", post(read))
         .route_layer(middleware::from_fn_with_state(node.clone(), require_api_key));
     Router::new()
         .merge(api)
@@ -84,14 +88,32 @@ pub struct PublishRequest {
     pub data: Box<RawValue>,
     /// Optional event name, carried in the notification frame.
     pub event: Option<String>,
+    /// Keep it in each user's inbox until read (user targets only).
+    #[serde(default)]
+    pub persist: bool,
+    /// With `persist`: a retried publish with the same key notifies each user once.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublishResponse {
-    /// The notification id clients will see.
+    /// The notification id clients will see (for a persisted publish to several users, the
+    /// first user's; each has its own in `notifications`).
     pub id: String,
     /// Broker channels published to (one per user, or one topic).
     pub channels: usize,
+    /// Persisted publishes: per user, the inbox id, the new unread count, and whether the
+    /// idempotency key had been seen already (then nothing new was sent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<PersistedNotification>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PersistedNotification {
+    pub user: String,
+    pub id: String,
+    pub unread: u64,
+    pub duplicate: bool,
 }
 
 async fn publish(State(node): State<Node>, req: Request) -> Result<Json<PublishResponse>, ApiError> {
@@ -105,6 +127,17 @@ async fn publish(State(node): State<Node>, req: Request) -> Result<Json<PublishR
     {
         return Err(ApiError::field("event", format!("must be 1 to {MAX_EVENT_LEN} bytes")));
     }
+    if let Some(key) = &request.idempotency_key {
+        if !request.persist {
+            return Err(ApiError::field("idempotency_key", "only with persist: true"));
+        }
+        if key.is_empty() || key.len() > MAX_EVENT_LEN {
+            return Err(ApiError::field("idempotency_key", format!("must be 1 to {MAX_EVENT_LEN} bytes")));
+        }
+    }
+    if request.persist {
+        return persist(&node, &request, channels.len()).await;
+    }
 
     let id = node.hub().next_message_id();
     let payload = Envelope::new(&id, request.event.as_deref(), &request.data).encode();
@@ -115,7 +148,128 @@ async fn publish(State(node): State<Node>, req: Request) -> Result<Json<PublishR
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     }
     metrics::counter!(m::MESSAGES_PUBLISHED).increment(channels.len() as u64);
-    Ok(Json(PublishResponse { id, channels: channels.len() }))
+    Ok(Json(PublishResponse { id, channels: channels.len(), notifications: Vec::new() }))
+}
+
+/// Persisted publish: each user's inbox appends and publishes atomically.
+async fn persist(node: &Node, request: &PublishRequest, channels: usize) -> Result<Json<PublishResponse>, ApiError> {
+    let users: Vec<&str> = match (&request.user, &request.users) {
+        (Some(user), _) => vec![user.as_str()],
+        (None, Some(users)) => {
+            let mut users: Vec<&str> = users.iter().map(String::as_str).collect();
+            users.sort_unstable();
+            users.dedup();
+            users
+        }
+        (None, None) => return Err(ApiError::field("persist", "persisted notifications go to user or users")),
+    };
+    let mut notifications = Vec::with_capacity(users.len());
+    for user in users {
+        let appended = node
+            .inbox()
+            .append(user, request.event.as_deref(), &request.data, request.idempotency_key.as_deref())
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        if !appended.duplicate {
+            metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
+        }
+        notifications.push(PersistedNotification {
+            user: user.to_owned(),
+            id: appended.id.to_string(),
+            unread: appended.unread,
+            duplicate: appended.duplicate,
+        });
+    }
+    let id = notifications.first().map(|n| n.id.clone()).unwrap_or_default();
+    Ok(Json(PublishResponse { id, channels, notifications }))
+}
+
+/// `GET /api/users/{user}/notifications?unread=true&after=<id>&limit=N`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    unread: bool,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Largest page of `GET /api/users/{user}/notifications`.
+const MAX_PAGE: usize = 500;
+
+async fn notifications(
+    State(node): State<Node>,
+    Path(user): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    check_name("user", &user)?;
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let after = match query.after.as_deref() {
+        None | Some("") => None,
+        Some(id) => Some(id.parse::<NoteId>().map_err(|()| ApiError::field("after", "must be <ms>-<seq>"))?),
+    };
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::field("limit", format!("must be 1 to {MAX_PAGE}")));
+    }
+    let stored = node.inbox().list(&user, after, limit, query.unread).await.map_err(unavailable)?;
+    let next = (stored.len() == limit).then(|| stored.last().map(|s| s.id.to_string())).flatten();
+    let items: Vec<Value> = stored
+        .iter()
+        .map(|s| {
+            json!({
+                "id": s.id.to_string(),
+                "time": s.ts_us / 1000,
+                "event": s.event,
+                "data": s.data,
+                "read": s.read,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "notifications": items, "next": next })))
+}
+
+async fn unread(State(node): State<Node>, Path(user): Path<String>) -> Result<Json<Value>, ApiError> {
+    check_name("user", &user)?;
+    let state = node.inbox().state(&user).await.map_err(unavailable)?;
+    Ok(Json(json!({ "unread": state.unread, "last_id": state.newest.map(|id| id.to_string()) })))
+}
+
+/// `POST /api/users/{user}/read` body: `{"ids": [...]}`, `{"up_to": id}` or `{"all": true}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadRequest {
+    ids: Option<Vec<String>>,
+    up_to: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn read(State(node): State<Node>, Path(user): Path<String>, req: Request) -> Result<Json<Value>, ApiError> {
+    check_name("user", &user)?;
+    let body = read_body(req.into_body(), node.settings().limits.max_publish_bytes).await?;
+    let request: ReadRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?;
+    let scope = match (request.ids, request.up_to, request.all) {
+        (Some(ids), None, false) if !ids.is_empty() => {
+            let mut parsed = Vec::with_capacity(ids.len());
+            for (i, id) in ids.iter().enumerate() {
+                parsed.push(id.parse().map_err(|()| ApiError::field(format!("ids[{i}]"), "must be <ms>-<seq>"))?);
+            }
+            ReadScope::Ids(parsed)
+        }
+        (None, Some(up_to), false) => {
+            ReadScope::UpTo(up_to.parse().map_err(|()| ApiError::field("up_to", "must be <ms>-<seq>"))?)
+        }
+        (None, None, true) => ReadScope::All,
+        _ => return Err(ApiError::field("ids", "give exactly one of ids (non-empty), up_to, all: true")),
+    };
+    let unread = node.inbox().mark_read(&user, &scope).await.map_err(unavailable)?;
+    Ok(Json(json!({ "unread": unread })))
+}
+
+fn unavailable(e: InboxError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {

@@ -13,7 +13,6 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
@@ -26,7 +25,7 @@ use crate::auth::{AuthError, bearer};
 use crate::channel::valid_name;
 use crate::metrics as m;
 use crate::node::Node;
-use crate::protocol::{Envelope, Format};
+use crate::protocol::{Format, NoteId};
 use crate::session;
 
 const DEMO_PAGE: &str = include_str!("assets/demo.html");
@@ -52,6 +51,8 @@ pub struct ConnectQuery {
     uid: Option<String>,
     /// `json` (default from `session.default_format`) or `raw`.
     format: Option<String>,
+    /// The newest inbox id the client already has: it gets everything after it.
+    last_id: Option<String>,
 }
 
 async fn index(node: State<Node>, query: Query<ConnectQuery>, req: Request) -> Response {
@@ -120,6 +121,13 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
             None => return reject(StatusCode::BAD_REQUEST, "bad_format", "format must be json or raw"),
         },
     };
+    let last_id = match query.last_id.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(id) => match id.parse::<NoteId>() {
+            Ok(id) => Some(id),
+            Err(()) => return reject(StatusCode::BAD_REQUEST, "bad_last_id", "last_id must be <ms>-<seq>"),
+        },
+    };
     let Some(admission) = node.admit() else {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "node_full", "node at its connection limit; retry another");
     };
@@ -135,7 +143,7 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                session::run(ws, ctx, identity, format).await;
+                session::run(ws, ctx, identity, format, last_id).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }
@@ -178,17 +186,15 @@ async fn demo_token(State(node): State<Node>, Query(q): Query<DemoUser>) -> Resp
     }
 }
 
-/// Demo only: sends the user a test notification through the broker.
+/// Demo only: sends the user a persisted test notification (it waits in the inbox until read).
 async fn demo_send(State(node): State<Node>, Json(q): Json<DemoUser>) -> Response {
     if !valid_name(&q.user) {
         return (StatusCode::BAD_REQUEST, Json(json!({ "error": AuthError::BadUser.to_string() }))).into_response();
     }
-    let id = node.hub().next_message_id();
     let data = json!({ "title": "Test notification", "body": format!("Hello, user {}!", q.user) });
     let data = serde_json::value::to_raw_value(&data).unwrap_or_default();
-    let payload: Bytes = Envelope::new(&id, Some("demo"), &data).encode();
-    match node.broker().publish(&node.names().user(&q.user), payload).await {
-        Ok(()) => Json(json!({ "id": id })).into_response(),
+    match node.inbox().append(&q.user, Some("demo"), &data, None).await {
+        Ok(appended) => Json(json!({ "id": appended.id.to_string(), "unread": appended.unread })).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": e.to_string() }))).into_response(),
     }
 }

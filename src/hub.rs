@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing, PushError};
@@ -72,6 +72,10 @@ struct Inner {
     live_changed: Notify,
     /// Whether the broker is connected; sessions only wait for a subscription when it is.
     broker_up: AtomicBool,
+    /// Subscription generation: the broker bumps it after every full (re)subscribe. A session
+    /// that sees it change may have missed messages published in between, and replays them
+    /// from the inbox.
+    generation: watch::Sender<u64>,
     node_id: Arc<str>,
     next_session: AtomicU64,
     next_message: AtomicU64,
@@ -94,6 +98,7 @@ impl Hub {
                 interest: track_interest.then(Interest::default),
                 live_changed: Notify::new(),
                 broker_up: AtomicBool::new(!track_interest),
+                generation: watch::Sender::new(0),
                 node_id: node_id.into(),
                 next_session: AtomicU64::new(1),
                 next_message: AtomicU64::new(1),
@@ -212,12 +217,32 @@ impl Hub {
         self.inner.live_changed.notify_waiters();
     }
 
-    /// Marks every channel as not subscribed (the broker connection was lost).
+    /// Marks every channel as not subscribed (the broker connection was lost) and starts a new
+    /// generation: messages of the old one may be missing until the next full subscribe.
     pub fn mark_all_down(&self) {
         self.inner.broker_up.store(false, Ordering::Release);
+        self.bump_generation();
         for mut entry in self.inner.channels.iter_mut() {
             entry.live = false;
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        *self.inner.generation.borrow()
+    }
+
+    /// Watches the subscription generation.
+    pub fn watch_generation(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
+    /// Called by the broker when its subscription is lost and after every full (re)subscribe.
+    pub fn bump_generation(&self) {
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn is_broker_up(&self) -> bool {
+        self.inner.broker_up.load(Ordering::Acquire)
     }
 
     pub fn set_broker_up(&self, up: bool) {
@@ -294,9 +319,12 @@ impl Hub {
             return Fanout::default();
         };
         let delivery = Delivery::decode(payload, entry.topic.as_deref(), || self.next_message_id());
+        let generation = self.generation();
         let mut fanout = Fanout::default();
         for session in &entry.sessions {
-            let frame = Outgoing { frame: delivery.frame(session.format).clone(), published_us: delivery.ts };
+            let Some(frame) = delivery.frame(session.format) else { continue };
+            let frame =
+                Outgoing { frame: frame.clone(), published_us: delivery.ts, persisted: delivery.persisted, generation };
             match session.outbox.push(frame) {
                 Ok(()) => fanout.delivered += 1,
                 // Too slow to keep up: its outbox is now closing (it resumes from its last id

@@ -13,6 +13,7 @@ pub mod broker;
 pub mod channel;
 pub mod gateway;
 pub mod hub;
+pub mod inbox;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -56,6 +56,12 @@ struct PublishArgs {
     /// Event name carried in the notification.
     #[arg(long)]
     event: Option<String>,
+    /// Keep it in the users' inboxes until read.
+    #[arg(long)]
+    persist: bool,
+    /// With --persist: a retry with the same key notifies once.
+    #[arg(long, requires = "persist")]
+    idempotency_key: Option<String>,
     /// Internal API base URL; defaults to http://<server.internal_addr>.
     #[arg(long)]
     url: Option<String>,
@@ -136,6 +142,12 @@ fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
     }
     if let Some(event) = args.event {
         body["event"] = event.into();
+    }
+    if args.persist {
+        body["persist"] = true.into();
+    }
+    if let Some(key) = args.idempotency_key {
+        body["idempotency_key"] = key.into();
     }
     let url = args.url.unwrap_or_else(|| format!("http://{}", settings.server.internal_addr));
     let key = args.api_key.or_else(|| settings.auth.api_keys.first().cloned());

@@ -12,6 +12,7 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::channel::ChannelNames;
 use crate::hub::Hub;
+use crate::inbox::Inbox;
 use crate::session::SessionContext;
 use crate::settings::Settings;
 
@@ -25,6 +26,7 @@ struct Inner {
     settings: Settings,
     hub: Hub,
     broker: Broker,
+    inbox: Inbox,
     auth: Authenticator,
     names: ChannelNames,
     sessions: Arc<SessionContext>,
@@ -72,6 +74,7 @@ pub struct Parts {
     pub settings: Settings,
     pub hub: Hub,
     pub broker: Broker,
+    pub inbox: Inbox,
     pub auth: Authenticator,
     pub names: ChannelNames,
     pub sessions: Arc<SessionContext>,
@@ -81,12 +84,13 @@ pub struct Parts {
 
 impl Node {
     pub fn new(parts: Parts) -> Self {
-        let Parts { settings, hub, broker, auth, names, sessions, metrics, tracker } = parts;
+        let Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker } = parts;
         Self {
             inner: Arc::new(Inner {
                 settings,
                 hub,
                 broker,
+                inbox,
                 auth,
                 names,
                 sessions,
@@ -106,6 +110,9 @@ impl Node {
     }
     pub fn broker(&self) -> &Broker {
         &self.inner.broker
+    }
+    pub fn inbox(&self) -> &Inbox {
+        &self.inner.inbox
     }
     pub fn auth(&self) -> &Authenticator {
         &self.inner.auth

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::protocol::{CloseReason, WireFrame};
+use crate::protocol::{CloseReason, NoteId, WireFrame};
 
 /// Capacity above which a drained queue gives its memory back.
 const SHRINK_ABOVE: usize = 16;
@@ -23,6 +23,10 @@ pub struct Outgoing {
     pub frame: WireFrame,
     /// Publish time, microseconds since the Unix epoch; 0 for frames that are not notifications.
     pub published_us: u64,
+    /// Inbox id of a persisted notification (the session de-duplicates by it).
+    pub persisted: Option<NoteId>,
+    /// The broker subscription generation it arrived on (see [`crate::hub::Hub::generation`]).
+    pub generation: u64,
 }
 
 #[derive(Debug)]
@@ -121,7 +125,7 @@ mod tests {
     use super::*;
 
     fn frame() -> Outgoing {
-        Outgoing { frame: WireFrame::text("{}".to_owned()), published_us: 0 }
+        Outgoing { frame: WireFrame::text("{}".to_owned()), published_us: 0, persisted: None, generation: 0 }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::channel::ChannelNames;
 use crate::hub::Hub;
+use crate::inbox::Inbox;
 use crate::node::{Node, Parts};
 use crate::protocol::CloseReason;
 use crate::session::SessionContext;
@@ -94,8 +95,12 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     if settings.demo.enabled {
         warn!("demo.enabled is on: /demo/token mints tokens for any user (loopback only)");
     }
-    let sessions = Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), stop.clone()));
-    let node = Node::new(Parts { settings, hub, broker, auth, names, sessions, metrics, tracker: tracker.clone() });
+    let inbox = Inbox::new(&settings.inbox, &broker, hub.clone(), names.clone());
+    tracker.spawn(inbox.clone().run(stop.clone()));
+    let sessions =
+        Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), Some(inbox.clone()), stop.clone()));
+    let node =
+        Node::new(Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker: tracker.clone() });
 
     let public_addr = listeners.public.local_addr()?;
     let internal_addr = listeners.internal.local_addr()?;

@@ -36,6 +36,7 @@ pub struct Settings {
     pub session: Session,
     pub limits: Limits,
     pub broker: Broker,
+    pub inbox: Inbox,
     pub demo: Demo,
     pub log: Log,
 }
@@ -261,6 +262,35 @@ impl Default for Broker {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct Inbox {
+    /// Notifications kept per user; the oldest go first.
+    pub max_per_user: usize,
+    /// Notifications older than this are trimmed, and an inbox untouched this long disappears.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// A retried publish with the same idempotency key within this window notifies once.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+    /// Prefix of the inbox keys in Redis: `<prefix>{<user>}` (the braces are a hash tag).
+    pub key_prefix: String,
+    /// Most notifications replayed to a session at once (on connect, resume or after a gap).
+    pub replay_limit: usize,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Self {
+            max_per_user: 200,
+            ttl: Duration::from_secs(30 * 24 * 3600),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            key_prefix: "pushnode:inbox:".into(),
+            replay_limit: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Demo {
     /// Serve the demo page's helper routes (`/demo/token`, `/demo/send`), which mint tokens for
     /// any user: only for local trials. Refused on a non-loopback `server.public_addr`.
@@ -427,6 +457,18 @@ impl Settings {
         }
         if self.broker.reconnect_min.is_zero() || self.broker.reconnect_max < self.broker.reconnect_min {
             return Err(invalid("broker.reconnect_max", "need 0 < reconnect_min <= reconnect_max"));
+        }
+        if self.inbox.max_per_user == 0 {
+            return Err(invalid("inbox.max_per_user", "must be at least 1"));
+        }
+        if self.inbox.ttl < Duration::from_secs(1) {
+            return Err(invalid("inbox.ttl", "must be at least 1s"));
+        }
+        if self.inbox.replay_limit == 0 {
+            return Err(invalid("inbox.replay_limit", "must be at least 1"));
+        }
+        if self.inbox.key_prefix.contains(['{', '}']) {
+            return Err(invalid("inbox.key_prefix", "must not contain braces (the user id is the hash tag)"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
             return Err(invalid("log.filter", format!("{:?} is not a valid filter", self.log.filter)));

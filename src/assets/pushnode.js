@@ -8,6 +8,11 @@
  *
  * It reconnects by itself with exponential backoff and full jitter, and honours the node's
  * drain close (4000, "reconnect after N ms") so a rolling deploy is not a reconnect storm.
+ * It resumes: after a reconnect it asks for every inbox notification after the last id it saw,
+ * and drops duplicates by id, so a persisted notification is shown once per device.
+ *
+ * Events: "notification" (frame), "unread" (count), "welcome", "state", "close", "reconnect",
+ * "error". Inbox: markRead([ids]), markReadUpTo(id), markAllRead().
  */
 (function (global) {
   "use strict";
@@ -24,7 +29,9 @@
     this.maxDelay = options.maxDelay || 30000;
     this.state = "idle"; // idle | connecting | connected | waiting | closed
     this.attempt = 0;
-    this.lastId = null;
+    this.lastId = options.lastId || null; // newest inbox id seen; sent as last_id on connect
+    this.seen = new Set(); // recent persisted ids, for de-duplication
+    this.seenOrder = [];
     this.channels = new Set();
     this.handlers = {};
     this.ws = null;
@@ -65,6 +72,7 @@
       var sep = self.url.indexOf("?") < 0 ? "?" : "&";
       var url = self.url + (token ? sep + "token=" + encodeURIComponent(token) : "");
       if (self.format !== "json") url += (url.indexOf("?") < 0 ? "?" : "&") + "format=" + self.format;
+      if (self.lastId && self.format === "json") url += (url.indexOf("?") < 0 ? "?" : "&") + "last_id=" + encodeURIComponent(self.lastId);
       var ws = new WebSocket(url);
       self.ws = ws;
       ws.onmessage = function (event) { self.onFrame(event.data); };
@@ -90,10 +98,19 @@
         var self = this;
         this.channels.forEach(function (c) { self.send({ type: "subscribe", channel: c }); });
         this.emit("welcome", frame);
+        this.emit("unread", frame.unread || 0);
         break;
       case "notification":
-        if (frame.id) this.lastId = frame.id;
+        if (frame.persisted) {
+          if (this.seen.has(frame.id)) return; // already shown on this device
+          this.remember(frame.id);
+          if (!this.lastId || compareIds(frame.id, this.lastId) > 0) this.lastId = frame.id;
+        }
         this.emit("notification", frame);
+        if (typeof frame.unread === "number") this.emit("unread", frame.unread);
+        break;
+      case "unread":
+        this.emit("unread", frame.unread);
         break;
       case "error":
         this.emit("error", frame);
@@ -143,12 +160,28 @@
     this.send({ type: "unsubscribe", channel: channel });
   };
 
+  PushNode.prototype.remember = function (id) {
+    this.seen.add(id);
+    this.seenOrder.push(id);
+    if (this.seenOrder.length > 1000) this.seen.delete(this.seenOrder.shift());
+  };
+
+  PushNode.prototype.markRead = function (ids) { this.send({ type: "read", ids: ids }); };
+  PushNode.prototype.markReadUpTo = function (id) { this.send({ type: "read", up_to: id }); };
+  PushNode.prototype.markAllRead = function () { this.send({ type: "read", all: true }); };
+
   PushNode.prototype.close = function () {
     this.stopped = true;
     clearTimeout(this.timer);
     if (this.ws) this.ws.close(1000);
     else this.setState("closed");
   };
+
+  /* Inbox ids are "<ms>-<seq>"; compare numerically. */
+  function compareIds(a, b) {
+    var x = a.split("-"), y = b.split("-");
+    return (Number(x[0]) - Number(y[0])) || (Number(x[1]) - Number(y[1]));
+  }
 
   function safeParse(text) {
     try { return JSON.parse(text); } catch (e) { return text; }

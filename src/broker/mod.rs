@@ -27,6 +27,9 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("broker configuration: {0}")]
     Config(String),
+    /// Redis answered with an error (the connection itself is fine).
+    #[error("broker command failed: {0}")]
+    Command(String),
 }
 
 /// What readiness needs to know about the broker.

@@ -196,6 +196,35 @@ impl RedisBroker {
         Ok(conn)
     }
 
+    /// Runs one command on the publisher connection (routed by key in cluster mode), failing
+    /// fast while Redis is unreachable. The inbox runs its functions through this.
+    pub async fn query(&self, cmd: &redis::Cmd) -> Result<Value, BrokerError> {
+        let mut conn = self.publisher().await?;
+        let limit = self.inner.settings.command_timeout;
+        let result = match &mut conn {
+            Conn::Single(c) => timeout(limit, cmd.query_async::<Value>(c)).await,
+            Conn::Cluster(c) => timeout(limit, cmd.query_async::<Value>(c)).await,
+        };
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            // Redis answered with an error: the connection is fine.
+            Ok(Err(e)) if e.code().is_some() => Err(BrokerError::Command(e.to_string())),
+            Ok(Err(e)) => {
+                self.drop_publisher();
+                Err(BrokerError::Unavailable(e.to_string()))
+            }
+            Err(_) => {
+                self.drop_publisher();
+                Err(BrokerError::Unavailable("Redis command timed out".into()))
+            }
+        }
+    }
+
+    /// Whether this broker publishes with SPUBLISH (cluster mode).
+    pub fn publish_command(&self) -> &'static str {
+        if self.is_cluster() { "SPUBLISH" } else { "PUBLISH" }
+    }
+
     /// Opens a connection; with `push` it is a subscriber whose messages go to the hub.
     async fn connect(&self, push: Option<Arc<Shared>>) -> Result<Conn, BrokerError> {
         let s = &self.inner.settings;
@@ -324,6 +353,8 @@ impl<'a> Subscription<'a> {
             return Outcome::Lost;
         }
         metrics::histogram!(m::BROKER_RESUBSCRIBE_DURATION).record(started.elapsed().as_secs_f64());
+        // Sessions replay from the inbox what was published while we were not subscribed.
+        inner.hub.bump_generation();
         debug!(channels = self.subscribed.len(), elapsed = ?started.elapsed(), "broker subscribed");
         backoff.reset();
 

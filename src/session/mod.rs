@@ -8,33 +8,51 @@
 //!
 //! The session registers itself in the [`Hub`] and leaves it on every exit path; it never
 //! touches the broker (the hub reports interest changes to it).
+//!
+//! With an inbox (JSON sessions), the session subscribes first, then replays from the inbox
+//! (unread notifications, or everything after the client's `last_id`), then goes live,
+//! de-duplicating by id ([`resume`]). When the broker's subscription was interrupted it replays
+//! the gap once the channel is subscribed again.
+
+mod rate;
+mod resume;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{MissedTickBehavior, interval_at, timeout};
+use tokio::sync::watch;
+use tokio::time::{MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, trace};
+use tracing::{Instrument, debug, info_span, trace, warn};
 
+use self::rate::TokenBucket;
+use self::resume::Resume;
 use crate::auth::Identity;
 use crate::channel::{ChannelNames, granted, valid_name};
 use crate::hub::{Hub, Subscriber};
+use crate::inbox::{Inbox, InboxState, ReadScope};
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing};
 use crate::protocol::{
-    ClientFrame, CloseReason, ErrorCode, Format, PROTOCOL_VERSION, ServerFrame, WireFrame, now_micros,
+    ClientFrame, CloseReason, ErrorCode, Format, NoteId, PROTOCOL_VERSION, ServerFrame, WireFrame, encode_stored,
+    now_micros,
 };
 use crate::settings::Settings;
 
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a broker gap, sessions replay at a random moment within this window, so that a node
+/// with many sessions does not query the inbox for all of them at once.
+const RESYNC_SPREAD: Duration = Duration::from_millis(500);
+/// While a gap waits for the channel to be subscribed again, check this often.
+const RESYNC_RECHECK: Duration = Duration::from_millis(100);
 
 /// What every session of a node shares: settings, the hub, channel naming, metric handles.
 #[derive(Debug)]
@@ -50,6 +68,8 @@ pub struct SessionContext {
     max_topics: usize,
     frames_per_second: f64,
     subscribe_wait: Duration,
+    inbox: Option<Inbox>,
+    replay_limit: usize,
     /// Hard stop: set after the drain; every session still open ends at once.
     stop: CancellationToken,
     delivered: metrics::Counter,
@@ -57,7 +77,13 @@ pub struct SessionContext {
 }
 
 impl SessionContext {
-    pub fn new(settings: &Settings, hub: Hub, names: ChannelNames, stop: CancellationToken) -> Self {
+    pub fn new(
+        settings: &Settings,
+        hub: Hub,
+        names: ChannelNames,
+        inbox: Option<Inbox>,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             node_id: hub.node_id().into(),
             hub,
@@ -70,6 +96,8 @@ impl SessionContext {
             max_topics: settings.limits.max_topics_per_session,
             frames_per_second: f64::from(settings.limits.client_frames_per_second),
             subscribe_wait: settings.broker.subscribe_wait,
+            inbox,
+            replay_limit: settings.inbox.replay_limit,
             stop,
             delivered: metrics::counter!(m::MESSAGES_DELIVERED),
             latency: metrics::histogram!(m::DELIVERY_LATENCY),
@@ -78,9 +106,14 @@ impl SessionContext {
 }
 
 /// Runs one session to its end. `ws` has completed the handshake; `identity` was
-/// authenticated before it.
-pub async fn run<S>(ws: WebSocketStream<S>, ctx: Arc<SessionContext>, identity: Identity, format: Format)
-where
+/// authenticated before it. `last_id` is the newest inbox id the client already has.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    ctx: Arc<SessionContext>,
+    identity: Identity,
+    format: Format,
+    last_id: Option<NoteId>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let subscriber = Arc::new(Subscriber {
@@ -99,6 +132,10 @@ where
         topics: Vec::new(),
         bucket: TokenBucket::default(),
         batch: Vec::new(),
+        resume: Resume::default(),
+        generation: None,
+        resync_at: None,
+        last_id,
     };
     async move {
         let reason = session.run().await;
@@ -120,6 +157,13 @@ struct Session<S> {
     bucket: TokenBucket,
     /// Reused between batches so a busy session does not allocate per batch.
     batch: Vec<Outgoing>,
+    resume: Resume,
+    /// Broker subscription generation, watched by sessions with an inbox.
+    generation: Option<watch::Receiver<u64>>,
+    /// When to replay a pending gap.
+    resync_at: Option<tokio::time::Instant>,
+    /// The client's `last_id` at connect.
+    last_id: Option<NoteId>,
 }
 
 impl<S> Session<S>
@@ -150,19 +194,10 @@ where
     }
 
     async fn serve(&mut self) -> CloseReason {
-        if self.subscriber.format == Format::Json {
-            let welcome = ServerFrame::Welcome {
-                protocol: PROTOCOL_VERSION,
-                node: self.ctx.node_id.to_string(),
-                session: self.subscriber.id.to_string(),
-                user: self.identity.user.to_string(),
-                heartbeat: self.ctx.heartbeat_interval.as_secs(),
-                format: self.subscriber.format,
-                channels: self.identity.channels.clone(),
-            };
-            if let Err(reason) = self.send(&welcome).await {
-                return reason;
-            }
+        if self.subscriber.format == Format::Json
+            && let Err(reason) = self.welcome().await
+        {
+            return reason;
         }
 
         let period = self.ctx.heartbeat_interval;
@@ -187,8 +222,19 @@ where
                 continue;
             }
 
+            let resync_at = self.resync_at;
             tokio::select! {
                 () = self.subscriber.outbox.ready() => {}
+                changed = changed(&mut self.generation) => {
+                    if let Some(generation) = changed {
+                        self.on_generation(generation);
+                    }
+                }
+                () = sleep_until(resync_at.unwrap_or_else(tokio::time::Instant::now)), if resync_at.is_some() => {
+                    if let Err(reason) = self.resync().await {
+                        return reason;
+                    }
+                }
                 incoming = self.ws.next() => {
                     last_heard = Instant::now();
                     match incoming {
@@ -242,6 +288,7 @@ where
         match frame {
             ClientFrame::Ping {} => self.send(&ServerFrame::Pong {}).await,
             ClientFrame::Subscribe { channel } => self.subscribe(channel).await,
+            ClientFrame::Read { ids, up_to, all } => self.mark_read(ids, up_to, all).await,
             ClientFrame::Unsubscribe { channel } => {
                 if let Some(i) = self.topics.iter().position(|(_, topic)| **topic == *channel) {
                     let (broker_channel, _) = self.topics.swap_remove(i);
@@ -273,15 +320,112 @@ where
         self.send(&ServerFrame::Subscribed { channel: topic }).await
     }
 
-    async fn reply_error(&mut self, code: ErrorCode, message: impl Into<String>) -> Result<(), CloseReason> {
-        let label = match code {
-            ErrorCode::BadFrame => "bad_frame",
-            ErrorCode::Unsupported => "unsupported",
-            ErrorCode::NotAllowed => "not_allowed",
-            ErrorCode::BadChannel => "bad_channel",
-            ErrorCode::TooManyChannels => "too_many_channels",
+    /// Sends the welcome and, with an inbox, replays what the client has not seen: the unread
+    /// notifications, or everything after its `last_id`.
+    async fn welcome(&mut self) -> Result<(), CloseReason> {
+        let mut state = InboxState::default();
+        if let Some(inbox) = &self.ctx.inbox {
+            self.generation = Some(self.ctx.hub.watch_generation());
+            self.resume = Resume::new(self.ctx.hub.generation());
+            match inbox.state(&self.identity.user).await {
+                Ok(s) => state = s,
+                // Live delivery still works; the gap is replayed when the inbox answers again.
+                Err(e) => {
+                    warn!(error = %e, "inbox unavailable at connect");
+                    self.resume.on_generation(self.ctx.hub.generation() + 1);
+                    self.resync_at = Some(resync_deadline());
+                }
+            }
+        }
+        let welcome = ServerFrame::Welcome {
+            protocol: PROTOCOL_VERSION,
+            node: self.ctx.node_id.to_string(),
+            session: self.subscriber.id.to_string(),
+            user: self.identity.user.to_string(),
+            heartbeat: self.ctx.heartbeat_interval.as_secs(),
+            format: self.subscriber.format,
+            channels: self.identity.channels.clone(),
+            unread: state.unread,
+            last_id: state.newest.map(|id| id.to_string()),
         };
-        metrics::counter!(m::CLIENT_ERRORS, "code" => label).increment(1);
+        self.send(&welcome).await?;
+        if self.ctx.inbox.is_some() && self.resync_at.is_none() {
+            // Without last_id: the unread ones. With it: everything after it, read or not.
+            let unread_only = self.last_id.is_none();
+            self.replay(self.last_id, unread_only).await?;
+            if let Some(newest) = state.newest {
+                self.resume.advance(newest);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes inbox notifications after `after` (up to the replay limit) and records them.
+    async fn replay(&mut self, after: Option<NoteId>, unread_only: bool) -> Result<(), CloseReason> {
+        let Some(inbox) = self.ctx.inbox.clone() else { return Ok(()) };
+        let stored = match inbox.list(&self.identity.user, after, self.ctx.replay_limit, unread_only).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                warn!(error = %e, "inbox replay failed; retrying");
+                self.resume.on_generation(self.ctx.hub.generation() + 1);
+                self.resync_at = Some(tokio::time::Instant::now() + RESYNC_SPREAD);
+                return Ok(());
+            }
+        };
+        for note in stored {
+            let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
+            self.batch.push(Outgoing { frame, published_us: 0, persisted: None, generation: 0 });
+            self.resume.advance(note.id);
+        }
+        self.write_batch().await
+    }
+
+    fn on_generation(&mut self, generation: u64) {
+        let before = self.resume.pending_gap();
+        self.resume.on_generation(generation);
+        if before.is_none() && self.resume.pending_gap().is_some() {
+            self.resync_at = Some(resync_deadline());
+        }
+    }
+
+    /// Replays a pending gap once the user's channel is subscribed again.
+    async fn resync(&mut self) -> Result<(), CloseReason> {
+        self.resync_at = None;
+        let Some(base) = self.resume.pending_gap() else { return Ok(()) };
+        if !self.ctx.hub.is_live(&self.user_channel) {
+            self.resync_at = Some(tokio::time::Instant::now() + RESYNC_RECHECK);
+            return Ok(());
+        }
+        self.resume.gap_filled();
+        debug!(after = ?base, "replaying a broker gap");
+        self.replay(base, false).await
+    }
+
+    async fn mark_read(&mut self, ids: Vec<String>, up_to: Option<String>, all: bool) -> Result<(), CloseReason> {
+        let Some(inbox) = self.ctx.inbox.clone() else {
+            return self.reply_error(ErrorCode::Unsupported, "this session has no inbox").await;
+        };
+        let scope = match (ids.is_empty(), up_to, all) {
+            (false, None, false) => match ids.iter().map(|i| i.parse()).collect::<Result<Vec<NoteId>, ()>>() {
+                Ok(ids) => ReadScope::Ids(ids),
+                Err(()) => return self.reply_error(ErrorCode::BadId, "ids must be <ms>-<seq>").await,
+            },
+            (true, Some(up_to), false) => match up_to.parse() {
+                Ok(id) => ReadScope::UpTo(id),
+                Err(()) => return self.reply_error(ErrorCode::BadId, "up_to must be <ms>-<seq>").await,
+            },
+            (true, None, true) => ReadScope::All,
+            _ => return self.reply_error(ErrorCode::BadFrame, "give exactly one of ids, up_to, all").await,
+        };
+        // The new count reaches every session of the user (this one too) through the broker.
+        match inbox.mark_read(&self.identity.user, &scope).await {
+            Ok(_) => Ok(()),
+            Err(e) => self.reply_error(ErrorCode::InboxUnavailable, e.to_string()).await,
+        }
+    }
+
+    async fn reply_error(&mut self, code: ErrorCode, message: impl Into<String>) -> Result<(), CloseReason> {
+        metrics::counter!(m::CLIENT_ERRORS, "code" => code.label()).increment(1);
         self.send(&ServerFrame::error(code, message)).await
     }
 
@@ -306,6 +450,12 @@ where
     /// fan-out marks the outbox closing (a client that stopped reading would otherwise hold
     /// this task until the timeout).
     async fn write_batch(&mut self) -> Result<(), CloseReason> {
+        let before = self.resume.pending_gap();
+        let resume = &mut self.resume;
+        self.batch.retain(|out| resume.admit_live(out.persisted, out.generation));
+        if before.is_none() && resume.pending_gap().is_some() {
+            self.resync_at = Some(resync_deadline());
+        }
         let Self { ws, batch, subscriber, ctx, .. } = self;
         let count = batch.len();
         let mut newest_ts = 0;
@@ -364,48 +514,18 @@ fn read_error(error: &WsError) -> CloseReason {
     }
 }
 
-/// Client frame rate limit: `rate` tokens per second, burst of `rate`.
-#[derive(Debug)]
-struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-    started: bool,
-}
-
-impl Default for TokenBucket {
-    fn default() -> Self {
-        Self { tokens: 0.0, last: Instant::now(), started: false }
+/// Waits for a generation change; never resolves without a watch.
+async fn changed(generation: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    match generation {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
-impl TokenBucket {
-    fn take(&mut self, rate: f64) -> bool {
-        let now = Instant::now();
-        if self.started {
-            let refill = now.duration_since(self.last).as_secs_f64() * rate;
-            self.tokens = (self.tokens + refill).min(rate);
-        } else {
-            self.tokens = rate;
-            self.started = true;
-        }
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_bucket_allows_a_burst_then_refuses() {
-        let mut bucket = TokenBucket::default();
-        let allowed = (0..30).filter(|_| bucket.take(20.0)).count();
-        assert_eq!(allowed, 20);
-    }
+fn resync_deadline() -> tokio::time::Instant {
+    let spread = fastrand::u64(0..=RESYNC_SPREAD.as_millis() as u64);
+    tokio::time::Instant::now() + Duration::from_millis(spread)
 }

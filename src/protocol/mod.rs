@@ -1,17 +1,19 @@
 //! Protocol v1: the frames a client and the node exchange, the envelope that carries a
 //! notification between nodes, and the close codes.
 //!
+//! `delivery` holds the decoding of broker payloads and the notification frames.
 //! Everything here is plain data and encoding; it depends on nothing else in the crate, so it
 //! can be tested and benchmarked without sockets or Redis. `docs/protocol.md` is the prose
 //! version of this file and must change with it.
 
-use std::borrow::Cow;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+mod delivery;
+
+pub use delivery::{Delivery, Envelope, NoteId, UnreadUpdate, encode_stored, now_micros, unread_frame};
 
 /// The protocol version announced in the welcome frame.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -49,6 +51,15 @@ pub enum ClientFrame {
     Unsubscribe { channel: String },
     /// Application-level ping for clients that cannot see WebSocket pings (browsers).
     Ping {},
+    /// Mark inbox notifications read: `ids`, everything `up_to` an id, or `all`.
+    Read {
+        #[serde(default)]
+        ids: Vec<String>,
+        #[serde(default)]
+        up_to: Option<String>,
+        #[serde(default)]
+        all: bool,
+    },
 }
 
 impl ClientFrame {
@@ -73,6 +84,10 @@ pub enum ServerFrame {
         format: Format,
         /// Topic channels the token grants (exact names or `prefix*`).
         channels: Vec<String>,
+        /// The user's unread inbox notifications.
+        unread: u64,
+        /// The newest inbox id (resume from it with `last_id`), `null` for an empty inbox.
+        last_id: Option<String>,
     },
     Subscribed {
         channel: String,
@@ -112,66 +127,25 @@ pub enum ErrorCode {
     BadChannel,
     /// The session already holds the maximum number of topic channels.
     TooManyChannels,
+    /// A notification id that is not `<ms>-<seq>`.
+    BadId,
+    /// The inbox (Redis) could not be reached; retry.
+    InboxUnavailable,
 }
 
-/// The cross-node envelope of a notification, as published on a broker channel.
-///
-/// Anything published on a channel that is not an envelope (a plain `Redis::publish` from an
-/// application) is delivered as a foreign payload: see [`Delivery::decode`].
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Envelope<'a> {
-    /// Marks the payload as a pushnode envelope and carries its version.
-    pub pushnode: u32,
-    /// `Cow`: borrowed unless the JSON string has escapes (event names like `App\\Events\\X`).
-    #[serde(borrow)]
-    pub id: Cow<'a, str>,
-    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
-    pub event: Option<Cow<'a, str>>,
-    /// Publish time, microseconds since the Unix epoch; the delivery latency is measured from it.
-    pub ts: u64,
-    #[serde(borrow)]
-    pub data: &'a RawValue,
-}
-
-impl<'a> Envelope<'a> {
-    pub fn new(id: &'a str, event: Option<&'a str>, data: &'a RawValue) -> Self {
-        Self {
-            pushnode: PROTOCOL_VERSION,
-            id: Cow::Borrowed(id),
-            event: event.map(Cow::Borrowed),
-            ts: now_micros(),
-            data,
+impl ErrorCode {
+    /// Bounded label for metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::BadFrame => "bad_frame",
+            Self::Unsupported => "unsupported",
+            Self::NotAllowed => "not_allowed",
+            Self::BadChannel => "bad_channel",
+            Self::TooManyChannels => "too_many_channels",
+            Self::BadId => "bad_id",
+            Self::InboxUnavailable => "inbox_unavailable",
         }
     }
-
-    pub fn encode(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
-    }
-}
-
-/// What Laravel's `redis` broadcaster publishes: `{"event": ..., "data": ..., "socket": ...}`.
-#[derive(Debug, Deserialize)]
-struct LaravelBroadcast<'a> {
-    #[serde(borrow)]
-    event: Cow<'a, str>,
-    #[serde(borrow)]
-    data: &'a RawValue,
-    // `socket` (the sender's socket id, to skip it) has no meaning here and is ignored.
-}
-
-/// The `notification` frame as written to JSON-format sessions.
-#[derive(Debug, Serialize)]
-struct Notification<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    channel: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    event: Option<&'a str>,
-    data: &'a RawValue,
-    /// Publish time in milliseconds since the Unix epoch (JavaScript's `Date` unit).
-    time: u64,
 }
 
 /// A frame ready for the socket: text or binary, cheap to clone (reference-counted bytes), so
@@ -200,76 +174,6 @@ impl WireFrame {
     }
 }
 
-/// One message arriving on one channel, encoded at most once per [`Format`] on this node.
-#[derive(Debug)]
-pub struct Delivery {
-    /// Publish time in microseconds since the Unix epoch.
-    pub ts: u64,
-    json: WireFrame,
-    raw: WireFrame,
-}
-
-impl Delivery {
-    /// Decodes a broker payload. `topic` is the topic name when the channel is a topic channel
-    /// (it goes into the frame's `channel` field), `None` for a user channel. `fallback_id`
-    /// names foreign payloads, which carry no id of their own.
-    pub fn decode(payload: &Bytes, topic: Option<&str>, fallback_id: impl FnOnce() -> String) -> Self {
-        if let Ok(env) = serde_json::from_slice::<Envelope<'_>>(payload)
-            && env.pushnode == PROTOCOL_VERSION
-        {
-            let json = encode_notification(&env.id, topic, env.event.as_deref(), env.data, env.ts);
-            // The raw form is the published `data`, byte for byte.
-            let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
-            return Self { ts: env.ts, json, raw };
-        }
-        let ts = now_micros();
-        let id = fallback_id();
-        if let Ok(laravel) = serde_json::from_slice::<LaravelBroadcast<'_>>(payload) {
-            // A Laravel broadcast: its event name and data become the notification's.
-            let json = encode_notification(&id, topic, Some(&laravel.event), laravel.data, ts);
-            return Self { ts, json, raw: text_or_binary(payload.clone()) };
-        }
-        let json = match serde_json::from_slice::<&RawValue>(payload) {
-            Ok(data) => encode_notification(&id, topic, None, data, ts),
-            Err(_) => {
-                // Not JSON: carry it as a JSON string so the JSON frame stays valid.
-                let text = String::from_utf8_lossy(payload);
-                let quoted = serde_json::to_string(&text).unwrap_or_default();
-                let data = RawValue::from_string(quoted).unwrap_or_else(|_| null_value());
-                encode_notification(&id, topic, None, &data, ts)
-            }
-        };
-        Self { ts, json, raw: text_or_binary(payload.clone()) }
-    }
-
-    pub fn frame(&self, format: Format) -> &WireFrame {
-        match format {
-            Format::Json => &self.json,
-            Format::Raw => &self.raw,
-        }
-    }
-}
-
-fn null_value() -> Box<RawValue> {
-    RawValue::from_string("null".to_owned()).unwrap_or_default()
-}
-
-fn encode_notification(id: &str, channel: Option<&str>, event: Option<&str>, data: &RawValue, ts: u64) -> WireFrame {
-    let frame = Notification { kind: "notification", id, channel, event, data, time: ts / 1000 };
-    WireFrame::text(serde_json::to_string(&frame).unwrap_or_default())
-}
-
-fn text_or_binary(bytes: Bytes) -> WireFrame {
-    match Utf8Bytes::try_from(bytes.clone()) {
-        Ok(text) => WireFrame::Text(text),
-        Err(_) => WireFrame::Binary(bytes),
-    }
-}
-
-/// Microseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
-}
 
 /// Why the node closes a session. Each reason has a WebSocket close code (documented in
 /// `docs/protocol.md`) and a metric label.
@@ -357,53 +261,6 @@ mod tests {
         assert!(ClientFrame::decode(r#"{"type":"shout"}"#).is_err());
         assert!(ClientFrame::decode(r#"{"type":"subscribe"}"#).is_err());
         assert!(ClientFrame::decode("not json").is_err());
-    }
-
-    #[test]
-    fn envelope_becomes_notification_and_raw_is_the_published_data() {
-        let data = RawValue::from_string(r#"{"cnt":5}"#.into()).unwrap();
-        let payload = Envelope::new("n-1", Some("App\\Events\\Comment"), &data).encode();
-        let d = Delivery::decode(&payload, None, || unreachable!("envelope has an id"));
-        let WireFrame::Text(json) = d.frame(Format::Json) else { panic!("text expected") };
-        let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        assert_eq!(v["type"], "notification");
-        assert_eq!(v["id"], "n-1");
-        assert_eq!(v["event"], "App\\Events\\Comment");
-        assert_eq!(v["data"]["cnt"], 5);
-        assert!(v.get("channel").is_none());
-        assert_eq!(d.frame(Format::Raw), &WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":5}"#)));
-    }
-
-    #[test]
-    fn foreign_payload_is_delivered_verbatim_in_raw_and_wrapped_in_json() {
-        let payload = Bytes::from_static(br#"{"cnt":7}"#);
-        let d = Delivery::decode(&payload, Some("news"), || "f-1".to_owned());
-        assert_eq!(d.frame(Format::Raw), &WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":7}"#)));
-        let WireFrame::Text(json) = d.frame(Format::Json) else { panic!("text expected") };
-        let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        assert_eq!(v["id"], "f-1");
-        assert_eq!(v["channel"], "news");
-        assert_eq!(v["data"]["cnt"], 7);
-
-        let plain = Bytes::from_static(b"hello");
-        let d = Delivery::decode(&plain, None, || "f-2".to_owned());
-        let WireFrame::Text(json) = d.frame(Format::Json) else { panic!("text expected") };
-        let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        assert_eq!(v["data"], "hello");
-
-        let binary = Bytes::from_static(&[0xff, 0x00]);
-        let d = Delivery::decode(&binary, None, || "f-3".to_owned());
-        assert_eq!(d.frame(Format::Raw), &WireFrame::Binary(binary.clone()));
-    }
-
-    #[test]
-    fn a_laravel_broadcast_carries_its_event_and_data() {
-        let payload = Bytes::from_static(br#"{"event":"App\\Events\\OrderShipped","data":{"order":7},"socket":null}"#);
-        let d = Delivery::decode(&payload, None, || "l-1".to_owned());
-        let WireFrame::Text(json) = d.frame(Format::Json) else { panic!("text expected") };
-        let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        assert_eq!(v["event"], "App\\Events\\OrderShipped");
-        assert_eq!(v["data"], serde_json::json!({ "order": 7 }));
     }
 
     #[test]

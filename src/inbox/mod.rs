@@ -1,0 +1,163 @@
+//! `Inbox`: the durable per-user notifications, the feature that keeps what a user has not
+//! seen until it is seen.
+//!
+//! A persisted notification gets an id ordered per user (`<ms>-<seq>`), is appended to the
+//! user's inbox, raises the unread count and is published live, in one atomic step: a Redis
+//! Function (`pushnode.lua`) with the Redis broker, one lock with the memory broker. Readers
+//! never see a count that disagrees with the inbox. Marking read publishes the new count to
+//! every session of the user on every node.
+//!
+//! Bounds: at most `inbox.max_per_user` notifications per user (the oldest go first) and
+//! `inbox.ttl` (older ones are trimmed; an inbox untouched for that long disappears).
+//!
+//! Guarantee: persisted notifications reach each device at least once: sessions replay from the
+//! inbox on connect, on resume (`last_id`) and after a broker gap; ids let clients de-duplicate.
+
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError};
+use crate::channel::ChannelNames;
+use crate::hub::Hub;
+use crate::protocol::NoteId;
+use crate::settings;
+
+pub use self::memory::MemoryInbox;
+pub use self::redis::{LIBRARY, RedisInbox};
+
+/// Result of appending one notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub id: NoteId,
+    pub unread: u64,
+    /// The idempotency key was seen before: nothing new was stored or published; `id` is the
+    /// first publish's.
+    pub duplicate: bool,
+}
+
+/// One retained notification.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: NoteId,
+    /// Publish time, microseconds since the Unix epoch.
+    pub ts_us: u64,
+    pub event: Option<String>,
+    pub data: Box<RawValue>,
+    pub read: bool,
+}
+
+/// What a session's welcome tells about the inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InboxState {
+    pub unread: u64,
+    pub newest: Option<NoteId>,
+}
+
+/// Which notifications to mark read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadScope {
+    Ids(Vec<NoteId>),
+    /// Everything up to and including this id.
+    UpTo(NoteId),
+    All,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    #[error("inbox unavailable: {0}")]
+    Unavailable(String),
+    #[error("inbox returned something unexpected: {0}")]
+    Corrupt(String),
+}
+
+impl From<BrokerError> for InboxError {
+    fn from(e: BrokerError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+/// Limits shared by both stores.
+#[derive(Debug, Clone)]
+struct Limits {
+    max_per_user: usize,
+    ttl: Duration,
+    idempotency_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Inbox {
+    Memory(MemoryInbox),
+    Redis(RedisInbox),
+}
+
+impl Inbox {
+    /// The inbox follows the broker: memory with memory, Redis with Redis.
+    pub fn new(settings: &settings::Inbox, broker: &Broker, hub: Hub, names: ChannelNames) -> Self {
+        let limits = Limits {
+            max_per_user: settings.max_per_user,
+            ttl: settings.ttl,
+            idempotency_ttl: settings.idempotency_ttl,
+        };
+        match broker {
+            Broker::Memory(_) => Self::Memory(MemoryInbox::new(hub, names, limits)),
+            Broker::Redis(redis) => Self::Redis(RedisInbox::new(redis.clone(), hub, names, &settings.key_prefix, limits)),
+        }
+    }
+
+    /// Background upkeep until `stop`: memory sweeps expired inboxes; Redis (re)loads its
+    /// function library whenever the broker (re)connects.
+    pub async fn run(self, stop: CancellationToken) {
+        match self {
+            Self::Memory(m) => m.run(stop).await,
+            Self::Redis(r) => r.run(stop).await,
+        }
+    }
+
+    /// Persists a notification for `user` and publishes it live, atomically.
+    pub async fn append(
+        &self,
+        user: &str,
+        event: Option<&str>,
+        data: &RawValue,
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, InboxError> {
+        match self {
+            Self::Memory(m) => Ok(m.append(user, event, data, idempotency_key)),
+            Self::Redis(r) => r.append(user, event, data, idempotency_key).await,
+        }
+    }
+
+    pub async fn state(&self, user: &str) -> Result<InboxState, InboxError> {
+        match self {
+            Self::Memory(m) => Ok(m.state(user)),
+            Self::Redis(r) => r.state(user).await,
+        }
+    }
+
+    /// Up to `limit` notifications after `after` (from the oldest if `None`), in id order.
+    pub async fn list(
+        &self,
+        user: &str,
+        after: Option<NoteId>,
+        limit: usize,
+        unread_only: bool,
+    ) -> Result<Vec<Stored>, InboxError> {
+        match self {
+            Self::Memory(m) => Ok(m.list(user, after, limit, unread_only)),
+            Self::Redis(r) => r.list(user, after, limit, unread_only).await,
+        }
+    }
+
+    /// Marks notifications read and publishes the new unread count to the user's sessions.
+    pub async fn mark_read(&self, user: &str, scope: &ReadScope) -> Result<u64, InboxError> {
+        match self {
+            Self::Memory(m) => Ok(m.mark_read(user, scope)),
+            Self::Redis(r) => r.mark_read(user, scope).await,
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The Redis inbox: calls the `pushnode` Redis Functions library (`pushnode.lua`) through the
+//! broker's command connection. Each call is one atomic function on the user's keys, all in
+//! one slot in a cluster (`<key_prefix>{<user>}`), together with the user's channel.
+//!
+//! The library is loaded at start and whenever the broker reconnects (a restarted Redis
+//! without persistence forgets functions), and on demand if a call finds it missing.
+
+use redis::Value;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Appended, InboxError, InboxState, Limits, ReadScope, Stored};
+use crate::broker::{BrokerError, RedisBroker};
+use crate::channel::ChannelNames;
+use crate::hub::Hub;
+use crate::protocol::NoteId;
+
+/// The Redis Functions library (`#!lua name=pushnode`).
+pub const LIBRARY: &str = include_str!("pushnode.lua");
+
+#[derive(Debug, Clone)]
+pub struct RedisInbox {
+    broker: RedisBroker,
+    hub: Hub,
+    names: ChannelNames,
+    key_prefix: String,
+    limits: Limits,
+}
+
+impl RedisInbox {
+    pub(super) fn new(broker: RedisBroker, hub: Hub, names: ChannelNames, key_prefix: &str, limits: Limits) -> Self {
+        Self { broker, hub, names, key_prefix: key_prefix.to_owned(), limits }
+    }
+
+    /// Loads the library at start and after every broker (re)subscribe.
+    pub(super) async fn run(self, stop: CancellationToken) {
+        let mut generation = self.hub.watch_generation();
+        loop {
+            if self.hub.is_broker_up() {
+                match self.load().await {
+                    Ok(()) => info!("inbox functions loaded"),
+                    Err(e) => warn!(error = %e, "cannot load inbox functions; retrying on the next reconnect"),
+                }
+            }
+            tokio::select! {
+                changed = generation.changed() => if changed.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn load(&self) -> Result<(), BrokerError> {
+        self.broker.query(redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(LIBRARY)).await.map(|_| ())
+    }
+
+    fn key(&self, user: &str) -> String {
+        format!("{}{{{user}}}", self.key_prefix)
+    }
+
+    /// `FCALL function 1 key args...`, loading the library once if Redis does not know it.
+    async fn call(&self, function: &str, user: &str, args: &[&str]) -> Result<Value, InboxError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(function).arg(1).arg(self.key(user)).arg(args);
+        match self.broker.query(&cmd).await {
+            Err(BrokerError::Command(e)) if e.contains("Function not found") || e.contains("function not found") => {
+                self.load().await?;
+                Ok(self.broker.query(&cmd).await?)
+            }
+            result => Ok(result?),
+        }
+    }
+
+    pub(super) async fn append(
+        &self,
+        user: &str,
+        event: Option<&str>,
+        data: &RawValue,
+        key: Option<&str>,
+    ) -> Result<Appended, InboxError> {
+        let channel = self.names.user(user);
+        let max = self.limits.max_per_user.to_string();
+        let ttl = self.limits.ttl.as_millis().to_string();
+        let idem_ttl = self.limits.idempotency_ttl.as_millis().max(1).to_string();
+        let args = [
+            &*channel,
+            self.broker.publish_command(),
+            data.get(),
+            event.unwrap_or(""),
+            key.unwrap_or(""),
+            &max,
+            &ttl,
+            &idem_ttl,
+        ];
+        let value = self.call("pushnode_notify", user, &args).await?;
+        match items(value)?.as_slice() {
+            [id, unread, duplicate] => Ok(Appended { id: note_id(id)?, unread: int(unread)?, duplicate: int(duplicate)? == 1 }),
+            other => Err(corrupt("pushnode_notify", other)),
+        }
+    }
+
+    pub(super) async fn state(&self, user: &str) -> Result<InboxState, InboxError> {
+        let value = self.call("pushnode_state", user, &[]).await?;
+        match items(value)?.as_slice() {
+            [unread, newest] => {
+                let newest = match text(newest)? {
+                    t if t.is_empty() => None,
+                    t => Some(t.parse().map_err(|()| InboxError::Corrupt(format!("bad id {t:?}")))?),
+                };
+                Ok(InboxState { unread: int(unread)?, newest })
+            }
+            other => Err(corrupt("pushnode_state", other)),
+        }
+    }
+
+    pub(super) async fn list(
+        &self,
+        user: &str,
+        after: Option<NoteId>,
+        limit: usize,
+        unread_only: bool,
+    ) -> Result<Vec<Stored>, InboxError> {
+        let after = after.map(|a| a.to_string()).unwrap_or_default();
+        let limit = limit.to_string();
+        let value = self.call("pushnode_list", user, &[&after, &limit, if unread_only { "1" } else { "0" }]).await?;
+        items(value)?
+            .into_iter()
+            .map(|entry| match items(entry)?.as_slice() {
+                [id, ts, event, data, unread] => {
+                    let event = text(event)?;
+                    let data = RawValue::from_string(text(data)?)
+                        .map_err(|e| InboxError::Corrupt(format!("stored data is not JSON: {e}")))?;
+                    Ok(Stored {
+                        id: note_id(id)?,
+                        ts_us: text(ts)?.parse().map_err(|_| InboxError::Corrupt("bad ts".into()))?,
+                        event: (!event.is_empty()).then_some(event),
+                        data,
+                        read: int(unread)? == 0,
+                    })
+                }
+                other => Err(corrupt("pushnode_list", other)),
+            })
+            .collect()
+    }
+
+    pub(super) async fn mark_read(&self, user: &str, scope: &ReadScope) -> Result<u64, InboxError> {
+        let channel = self.names.user(user);
+        let ids: Vec<String>;
+        let mut args = vec![&*channel, self.broker.publish_command()];
+        match scope {
+            ReadScope::All => args.push("all"),
+            ReadScope::UpTo(id) => {
+                ids = vec![id.to_string()];
+                args.push("upto");
+                args.push(&ids[0]);
+            }
+            ReadScope::Ids(list) => {
+                ids = list.iter().map(ToString::to_string).collect();
+                args.push("ids");
+                args.extend(ids.iter().map(String::as_str));
+            }
+        }
+        int(&self.call("pushnode_read", user, &args).await?)
+    }
+}
+
+fn corrupt(function: &str, got: &[Value]) -> InboxError {
+    InboxError::Corrupt(format!("{function} returned {got:?}"))
+}
+
+fn items(value: Value) -> Result<Vec<Value>, InboxError> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(InboxError::Corrupt(format!("expected an array, got {other:?}"))),
+    }
+}
+
+fn text(value: &Value) -> Result<String, InboxError> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).map_err(|_| InboxError::Corrupt("not UTF-8".into())),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::VerbatimString { text, .. } => Ok(text.clone()),
+        Value::Int(n) => Ok(n.to_string()),
+        other => Err(InboxError::Corrupt(format!("expected a string, got {other:?}"))),
+    }
+}
+
+fn int(value: &Value) -> Result<u64, InboxError> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).map_err(|_| InboxError::Corrupt(format!("negative count {n}"))),
+        other => text(other)?.parse().map_err(|_| InboxError::Corrupt(format!("expected an integer, got {other:?}"))),
+    }
+}
+
+fn note_id(value: &Value) -> Result<NoteId, InboxError> {
+    let t = text(value)?;
+    t.parse().map_err(|()| InboxError::Corrupt(format!("bad id {t:?}")))
+}

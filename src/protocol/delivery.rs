@@ -1,0 +1,368 @@
+//! Broker payloads and notification frames: what travels on a channel between nodes, and what
+//! a session writes for it.
+//!
+//! A channel carries, in order of recognition:
+//! 1. a pushnode envelope `{"pushnode":1,"id":…,"ts":…,"data":…}` (from the API or the inbox;
+//!    `"persisted":true` and `"unread":N` for inbox notifications);
+//! 2. an unread-count update `{"pushnode":1,"type":"unread","unread":N}` (after a mark-read);
+//! 3. a Laravel broadcast `{"event":…,"data":…,"socket":…}`;
+//! 4. anything else, delivered as the notification's `data` (raw sessions get it verbatim).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::{Format, PROTOCOL_VERSION, WireFrame};
+
+/// Id of a persisted notification: `<ms>-<seq>` (a Redis stream id), ordered per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NoteId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl FromStr for NoteId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (ms, seq) = s.split_once('-').ok_or(())?;
+        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return Err(());
+        }
+        Ok(Self { ms: ms.parse().map_err(|_| ())?, seq: seq.parse().map_err(|_| ())? })
+    }
+}
+
+impl fmt::Display for NoteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// The cross-node envelope of a notification, as published on a broker channel.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    /// Marks the payload as a pushnode envelope and carries its version.
+    pub pushnode: u32,
+    /// `Cow`: borrowed unless the JSON string has escapes (event names like `App\\Events\\X`).
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub event: Option<Cow<'a, str>>,
+    /// Publish time, microseconds since the Unix epoch; the delivery latency is measured from it.
+    pub ts: u64,
+    /// Kept in the user's inbox; `id` is then a [`NoteId`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persisted: bool,
+    /// The user's unread count right after this notification (persisted only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread: Option<u64>,
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+}
+
+impl<'a> Envelope<'a> {
+    pub fn new(id: &'a str, event: Option<&'a str>, data: &'a RawValue) -> Self {
+        Self {
+            pushnode: PROTOCOL_VERSION,
+            id: Cow::Borrowed(id),
+            event: event.map(Cow::Borrowed),
+            ts: now_micros(),
+            persisted: false,
+            unread: None,
+            data,
+        }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// A user's new unread count, published after notifications were marked read.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnreadUpdate {
+    pub pushnode: u32,
+    #[serde(rename = "type")]
+    pub kind: UnreadKind,
+    pub unread: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnreadKind {
+    Unread,
+}
+
+impl UnreadUpdate {
+    pub fn encode(unread: u64) -> Bytes {
+        let update = Self { pushnode: PROTOCOL_VERSION, kind: UnreadKind::Unread, unread };
+        Bytes::from(serde_json::to_vec(&update).unwrap_or_default())
+    }
+}
+
+/// What Laravel's `redis` broadcaster publishes: `{"event": ..., "data": ..., "socket": ...}`.
+#[derive(Debug, Deserialize)]
+struct LaravelBroadcast<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    // `socket` (the sender's socket id, to skip it) has no meaning here and is ignored.
+}
+
+/// The `notification` frame as written to JSON-format sessions.
+#[derive(Debug, Serialize)]
+struct Notification<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    persisted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unread: Option<u64>,
+    /// Sent again from the inbox (on connect, resume, or after a broker gap).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replay: bool,
+    /// Replayed notifications say whether they were read meanwhile (on any device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read: Option<bool>,
+    data: &'a RawValue,
+    /// Publish time in milliseconds since the Unix epoch (JavaScript's `Date` unit).
+    time: u64,
+}
+
+impl Notification<'_> {
+    fn encode(&self) -> WireFrame {
+        WireFrame::text(serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// The `unread` frame: `{"type":"unread","unread":N}`.
+pub fn unread_frame(unread: u64) -> WireFrame {
+    WireFrame::text(format!(r#"{{"type":"unread","unread":{unread}}}"#))
+}
+
+/// One message arriving on one channel, encoded at most once per [`Format`] on this node.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Publish time in microseconds since the Unix epoch.
+    pub ts: u64,
+    /// Inbox id, for persisted notifications.
+    pub persisted: Option<NoteId>,
+    json: WireFrame,
+    /// `None` for frames raw sessions do not get (unread-count updates).
+    raw: Option<WireFrame>,
+}
+
+impl Delivery {
+    /// Decodes a broker payload. `topic` is the topic name when the channel is a topic channel
+    /// (it goes into the frame's `channel` field), `None` for a user channel. `fallback_id`
+    /// names foreign payloads, which carry no id of their own.
+    pub fn decode(payload: &Bytes, topic: Option<&str>, fallback_id: impl FnOnce() -> String) -> Self {
+        if let Ok(env) = serde_json::from_slice::<Envelope<'_>>(payload)
+            && env.pushnode == PROTOCOL_VERSION
+        {
+            let json = Notification {
+                kind: "notification",
+                id: &env.id,
+                channel: topic,
+                event: env.event.as_deref(),
+                persisted: env.persisted,
+                unread: env.unread,
+                replay: false,
+                read: None,
+                data: env.data,
+                time: env.ts / 1000,
+            }
+            .encode();
+            // The raw form is the published `data`, byte for byte.
+            let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
+            let persisted = if env.persisted { env.id.parse().ok() } else { None };
+            return Self { ts: env.ts, persisted, json, raw: Some(raw) };
+        }
+        let ts = now_micros();
+        if let Ok(update) = serde_json::from_slice::<UnreadUpdate>(payload) {
+            return Self { ts: 0, persisted: None, json: unread_frame(update.unread), raw: None };
+        }
+        let id = fallback_id();
+        let foreign = |event: Option<&str>, data: &RawValue| {
+            Notification {
+                kind: "notification",
+                id: &id,
+                channel: topic,
+                event,
+                persisted: false,
+                unread: None,
+                replay: false,
+                read: None,
+                data,
+                time: ts / 1000,
+            }
+            .encode()
+        };
+        let json = if let Ok(laravel) = serde_json::from_slice::<LaravelBroadcast<'_>>(payload) {
+            // A Laravel broadcast: its event name and data become the notification's.
+            foreign(Some(&laravel.event), laravel.data)
+        } else if let Ok(data) = serde_json::from_slice::<&RawValue>(payload) {
+            foreign(None, data)
+        } else {
+            // Not JSON: carry it as a JSON string so the JSON frame stays valid.
+            let quoted = serde_json::to_string(&String::from_utf8_lossy(payload)).unwrap_or_default();
+            let data = RawValue::from_string(quoted).unwrap_or_else(|_| null_value());
+            foreign(None, &data)
+        };
+        Self { ts, persisted: None, json, raw: Some(text_or_binary(payload.clone())) }
+    }
+
+    /// The frame for a session of `format`, or `None` if such sessions do not get this one.
+    pub fn frame(&self, format: Format) -> Option<&WireFrame> {
+        match format {
+            Format::Json => Some(&self.json),
+            Format::Raw => self.raw.as_ref(),
+        }
+    }
+}
+
+/// A replayed inbox notification, for JSON sessions.
+pub fn encode_stored(id: NoteId, ts_us: u64, event: Option<&str>, data: &RawValue, read: bool) -> WireFrame {
+    let id = id.to_string();
+    Notification {
+        kind: "notification",
+        id: &id,
+        channel: None,
+        event,
+        persisted: true,
+        unread: None,
+        replay: true,
+        read: Some(read),
+        data,
+        time: ts_us / 1000,
+    }
+    .encode()
+}
+
+fn null_value() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).unwrap_or_default()
+}
+
+fn text_or_binary(bytes: Bytes) -> WireFrame {
+    match Utf8Bytes::try_from(bytes.clone()) {
+        Ok(text) => WireFrame::Text(text),
+        Err(_) => WireFrame::Binary(bytes),
+    }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_of(d: &Delivery) -> serde_json::Value {
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn note_ids_parse_print_and_order() {
+        let a: NoteId = "1764136800123-0".parse().unwrap();
+        let b: NoteId = "1764136800123-10".parse().unwrap();
+        let c: NoteId = "1764136800124-2".parse().unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(b.to_string(), "1764136800123-10");
+        for bad in ["", "1-", "-1", "1-2-3", "x-1", "1 -2", "99999999999999999999999-1"] {
+            assert!(bad.parse::<NoteId>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn persisted_envelopes_carry_their_id_and_unread_count() {
+        let payload = Bytes::from_static(
+            br#"{"pushnode":1,"id":"1764136800123-4","ts":1764136800123456,"persisted":true,"unread":3,"data":{"a":1}}"#,
+        );
+        let d = Delivery::decode(&payload, None, || unreachable!());
+        assert_eq!(d.persisted, Some(NoteId { ms: 1764136800123, seq: 4 }));
+        let v = json_of(&d);
+        assert_eq!((v["persisted"].as_bool(), v["unread"].as_u64(), v["time"].as_u64()), (Some(true), Some(3), Some(1764136800123)));
+    }
+
+    #[test]
+    fn unread_updates_reach_json_sessions_only() {
+        let d = Delivery::decode(&UnreadUpdate::encode(2), None, || unreachable!());
+        assert_eq!(json_of(&d), serde_json::json!({ "type": "unread", "unread": 2 }));
+        assert!(d.frame(Format::Raw).is_none());
+    }
+
+    #[test]
+    fn stored_notifications_are_marked_as_replays() {
+        let data = RawValue::from_string("[1]".into()).unwrap();
+        let WireFrame::Text(t) = encode_stored(NoteId { ms: 5, seq: 1 }, 7_000, Some("e"), &data, true) else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"notification","id":"5-1","event":"e","persisted":true,"replay":true,"read":true,"data":[1],"time":7}));
+    }
+
+    #[test]
+    fn envelope_becomes_notification_and_raw_is_the_published_data() {
+        let data = RawValue::from_string(r#"{"cnt":5}"#.into()).unwrap();
+        let payload = Envelope::new("n-1", Some("App\\Events\\Comment"), &data).encode();
+        let d = Delivery::decode(&payload, None, || unreachable!("envelope has an id"));
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["type"], "notification");
+        assert_eq!(v["id"], "n-1");
+        assert_eq!(v["event"], "App\\Events\\Comment");
+        assert_eq!(v["data"]["cnt"], 5);
+        assert!(v.get("channel").is_none());
+        assert_eq!(d.frame(Format::Raw), Some(&WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":5}"#))));
+    }
+
+    #[test]
+    fn foreign_payload_is_delivered_verbatim_in_raw_and_wrapped_in_json() {
+        let payload = Bytes::from_static(br#"{"cnt":7}"#);
+        let d = Delivery::decode(&payload, Some("news"), || "f-1".to_owned());
+        assert_eq!(d.frame(Format::Raw), Some(&WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":7}"#))));
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["id"], "f-1");
+        assert_eq!(v["channel"], "news");
+        assert_eq!(v["data"]["cnt"], 7);
+
+        let plain = Bytes::from_static(b"hello");
+        let d = Delivery::decode(&plain, None, || "f-2".to_owned());
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["data"], "hello");
+
+        let binary = Bytes::from_static(&[0xff, 0x00]);
+        let d = Delivery::decode(&binary, None, || "f-3".to_owned());
+        assert_eq!(d.frame(Format::Raw), Some(&WireFrame::Binary(binary.clone())));
+    }
+
+    #[test]
+    fn a_laravel_broadcast_carries_its_event_and_data() {
+        let payload = Bytes::from_static(br#"{"event":"App\\Events\\OrderShipped","data":{"order":7},"socket":null}"#);
+        let d = Delivery::decode(&payload, None, || "l-1".to_owned());
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["event"], "App\\Events\\OrderShipped");
+        assert_eq!(v["data"], serde_json::json!({ "order": 7 }));
+    }
+
+}
