@@ -17,9 +17,9 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::channel::valid_name;
+use crate::inbox::{InboxError, ReadScope};
 use crate::metrics as m;
 use crate::node::Node;
-use crate::inbox::{InboxError, ReadScope};
 use crate::protocol::{Envelope, NoteId};
 
 /// Longest `event` name accepted.

@@ -158,7 +158,7 @@ impl MemoryInbox {
     }
 
     pub(super) fn mark_read(&self, user: &str, scope: &ReadScope) -> u64 {
-        let unread = match self.users.get_mut(user) {
+        match self.users.get_mut(user) {
             Some(mut inbox) => {
                 match scope {
                     ReadScope::All => inbox.unread.clear(),
@@ -172,8 +172,7 @@ impl MemoryInbox {
                 unread
             }
             None => 0,
-        };
-        unread
+        }
     }
 }
 
@@ -182,7 +181,8 @@ mod tests {
     use super::*;
 
     fn inbox(max: usize) -> MemoryInbox {
-        let limits = Limits { max_per_user: max, ttl: Duration::from_secs(3600), idempotency_ttl: Duration::from_secs(60) };
+        let limits =
+            Limits { max_per_user: max, ttl: Duration::from_secs(3600), idempotency_ttl: Duration::from_secs(60) };
         MemoryInbox::new(Hub::new("t", false), ChannelNames::new("u:{user}", "t:{topic}", false), limits)
     }
 
@@ -199,11 +199,10 @@ mod tests {
         assert_eq!(inbox.mark_read("u", &ReadScope::Ids(vec![ids[0]])), 4);
         assert_eq!(inbox.mark_read("u", &ReadScope::UpTo(ids[2])), 2);
         let listed = inbox.list("u", Some(ids[1]), 10, false);
-        assert_eq!(listed.iter().map(|s| (s.id, s.read)).collect::<Vec<_>>(), vec![
-            (ids[2], true),
-            (ids[3], false),
-            (ids[4], false)
-        ]);
+        assert_eq!(
+            listed.iter().map(|s| (s.id, s.read)).collect::<Vec<_>>(),
+            vec![(ids[2], true), (ids[3], false), (ids[4], false)]
+        );
         assert_eq!(inbox.list("u", None, 10, true).len(), 2);
         assert_eq!(inbox.mark_read("u", &ReadScope::All), 0);
     }

@@ -105,7 +105,9 @@ impl Inbox {
         };
         match broker {
             Broker::Memory(_) => Self::Memory(MemoryInbox::new(hub, names, limits)),
-            Broker::Redis(redis) => Self::Redis(RedisInbox::new(redis.clone(), hub, names, &settings.key_prefix, limits)),
+            Broker::Redis(redis) => {
+                Self::Redis(RedisInbox::new(redis.clone(), hub, names, &settings.key_prefix, limits))
+            }
         }
     }
 

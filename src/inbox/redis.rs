@@ -94,7 +94,9 @@ impl RedisInbox {
         ];
         let value = self.call("pushnode_notify", user, &args).await?;
         match items(value)?.as_slice() {
-            [id, unread, duplicate] => Ok(Appended { id: note_id(id)?, unread: int(unread)?, duplicate: int(duplicate)? == 1 }),
+            [id, unread, duplicate] => {
+                Ok(Appended { id: note_id(id)?, unread: int(unread)?, duplicate: int(duplicate)? == 1 })
+            }
             other => Err(corrupt("pushnode_notify", other)),
         }
     }
@@ -178,7 +180,9 @@ fn items(value: Value) -> Result<Vec<Value>, InboxError> {
 
 fn text(value: &Value) -> Result<String, InboxError> {
     match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).map_err(|_| InboxError::Corrupt("not UTF-8".into())),
+        Value::BulkString(bytes) => {
+            String::from_utf8(bytes.clone()).map_err(|_| InboxError::Corrupt("not UTF-8".into()))
+        }
         Value::SimpleString(s) => Ok(s.clone()),
         Value::VerbatimString { text, .. } => Ok(text.clone()),
         Value::Int(n) => Ok(n.to_string()),

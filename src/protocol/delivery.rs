@@ -298,7 +298,10 @@ mod tests {
         let d = Delivery::decode(&payload, None, || unreachable!());
         assert_eq!(d.persisted, Some(NoteId { ms: 1764136800123, seq: 4 }));
         let v = json_of(&d);
-        assert_eq!((v["persisted"].as_bool(), v["unread"].as_u64(), v["time"].as_u64()), (Some(true), Some(3), Some(1764136800123)));
+        assert_eq!(
+            (v["persisted"].as_bool(), v["unread"].as_u64(), v["time"].as_u64()),
+            (Some(true), Some(3), Some(1764136800123))
+        );
     }
 
     #[test]
@@ -315,7 +318,10 @@ mod tests {
             panic!()
         };
         let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-        assert_eq!(v, serde_json::json!({"type":"notification","id":"5-1","event":"e","persisted":true,"replay":true,"read":true,"data":[1],"time":7}));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"notification","id":"5-1","event":"e","persisted":true,"replay":true,"read":true,"data":[1],"time":7})
+        );
     }
 
     #[test]
@@ -364,5 +370,4 @@ mod tests {
         assert_eq!(v["event"], "App\\Events\\OrderShipped");
         assert_eq!(v["data"], serde_json::json!({ "order": 7 }));
     }
-
 }

@@ -6,7 +6,6 @@
 //! can be tested and benchmarked without sockets or Redis. `docs/protocol.md` is the prose
 //! version of this file and must change with it.
 
-
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -173,7 +172,6 @@ impl WireFrame {
         Self::Text(Utf8Bytes::from(s))
     }
 }
-
 
 /// Why the node closes a session. Each reason has a WebSocket close code (documented in
 /// `docs/protocol.md`) and a metric label.

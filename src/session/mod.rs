@@ -332,7 +332,7 @@ where
                 // Live delivery still works; the gap is replayed when the inbox answers again.
                 Err(e) => {
                     warn!(error = %e, "inbox unavailable at connect");
-                    self.resume.on_generation(self.ctx.hub.generation() + 1);
+                    self.resume.reopen_gap(self.last_id);
                     self.resync_at = Some(resync_deadline());
                 }
             }
@@ -367,20 +367,24 @@ where
             Ok(stored) => stored,
             Err(e) => {
                 warn!(error = %e, "inbox replay failed; retrying");
-                self.resume.on_generation(self.ctx.hub.generation() + 1);
+                self.resume.reopen_gap(after);
                 self.resync_at = Some(tokio::time::Instant::now() + RESYNC_SPREAD);
                 return Ok(());
             }
         };
+        let mut frames = Vec::with_capacity(stored.len());
         for note in stored {
             let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
-            self.batch.push(Outgoing { frame, published_us: 0, persisted: None, generation: 0 });
+            frames.push(Outgoing { frame, published_us: 0, persisted: None, generation: 0 });
             self.resume.advance(note.id);
         }
-        self.write_batch().await
+        self.write_frames(&mut frames).await
     }
 
     fn on_generation(&mut self, generation: u64) {
+        if self.generation.is_none() {
+            return;
+        }
         let before = self.resume.pending_gap();
         self.resume.on_generation(generation);
         if before.is_none() && self.resume.pending_gap().is_some() {
@@ -446,21 +450,36 @@ where
         }
     }
 
-    /// Writes the queued batch with one flush. Gives up on the write timeout, or as soon as
-    /// fan-out marks the outbox closing (a client that stopped reading would otherwise hold
-    /// this task until the timeout).
+    /// Writes the queued live frames. Frames from a new broker subscription mean a gap: it is
+    /// replayed from the inbox first, so the client sees persisted ids in order and its
+    /// `last_id` is always safe to resume from.
     async fn write_batch(&mut self) -> Result<(), CloseReason> {
-        let before = self.resume.pending_gap();
-        let resume = &mut self.resume;
-        self.batch.retain(|out| resume.admit_live(out.persisted, out.generation));
-        if before.is_none() && resume.pending_gap().is_some() {
-            self.resync_at = Some(resync_deadline());
+        if self.generation.is_some() {
+            if let Some(newest) = self.batch.iter().map(|o| o.generation).max() {
+                self.on_generation(newest);
+            }
+            if self.resume.pending_gap().is_some() && self.ctx.hub.is_live(&self.user_channel) {
+                self.resync().await?;
+            }
+            let resume = &mut self.resume;
+            self.batch.retain(|out| resume.admit_live(out.persisted, out.generation));
         }
-        let Self { ws, batch, subscriber, ctx, .. } = self;
-        let count = batch.len();
+        let mut batch = std::mem::take(&mut self.batch);
+        let result = self.write_frames(&mut batch).await;
+        batch.clear();
+        self.batch = batch;
+        result
+    }
+
+    /// Writes `frames` with one flush. Gives up on the write timeout, or as soon as fan-out
+    /// marks the outbox closing (a client that stopped reading would otherwise hold this task
+    /// until the timeout).
+    async fn write_frames(&mut self, frames: &mut Vec<Outgoing>) -> Result<(), CloseReason> {
+        let Self { ws, subscriber, ctx, .. } = self;
+        let count = frames.len();
         let mut newest_ts = 0;
         let write = async {
-            for out in batch.drain(..) {
+            for out in frames.drain(..) {
                 newest_ts = newest_ts.max(out.published_us);
                 let message = match out.frame {
                     WireFrame::Text(text) => Message::Text(text),
@@ -491,7 +510,6 @@ where
             let now = now_micros();
             ctx.latency.record(now.saturating_sub(newest_ts) as f64 / 1e6);
         }
-        batch.clear();
         Ok(())
     }
 

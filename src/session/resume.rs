@@ -61,6 +61,15 @@ impl Resume {
     pub(super) fn gap_filled(&mut self) {
         self.gap = None;
     }
+
+    /// A replay after `base` could not be done (inbox unreachable); it stays pending.
+    pub(super) fn reopen_gap(&mut self, base: Option<NoteId>) {
+        let base = match self.gap {
+            Some(pending) => pending.min(base),
+            None => base,
+        };
+        self.gap = Some(base);
+    }
 }
 
 #[cfg(test)]

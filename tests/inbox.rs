@@ -1,0 +1,402 @@
+//! The durable inbox: what a user has not seen survives until it is seen, on the memory store
+//! (one node) and on real Redis (several nodes).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::{API_KEY, Client, TestNode, on_redis};
+use serde_json::{Value, json};
+
+async fn persist(node: &TestNode, user: &str, data: Value) -> String {
+    let (status, body) = node.publish(json!({ "user": user, "persist": true, "data": data })).await;
+    assert_eq!(status, 200, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+async fn get_json(node: &TestNode, path: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{}{path}", node.internal))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Connects `user` (resuming after `last_id` if given) and returns the client and its welcome.
+async fn connect(node: &TestNode, user: &str, last_id: Option<&str>) -> (Client, Value) {
+    let mut query = format!("token={}", node.token(user));
+    if let Some(id) = last_id {
+        query.push_str(&format!("&last_id={id}"));
+    }
+    let mut client = Client::connect(&node.ws_url(&query)).await.unwrap();
+    let welcome = client.next_json().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (client, welcome)
+}
+
+async fn offline_notifications_wait_for_the_next_login(node: &TestNode) {
+    let ids =
+        [persist(node, "u1", json!(1)).await, persist(node, "u1", json!(2)).await, persist(node, "u1", json!(3)).await];
+    let (mut client, welcome) = connect(node, "u1", None).await;
+    assert_eq!(welcome["unread"], 3);
+    assert_eq!(welcome["last_id"], ids[2].as_str());
+    for (i, id) in ids.iter().enumerate() {
+        let n = client.next_json().await;
+        assert_eq!(
+            (n["id"].as_str(), n["data"].as_u64(), n["replay"].as_bool()),
+            (Some(id.as_str()), Some(i as u64 + 1), Some(true))
+        );
+        assert_eq!(n["read"], false);
+    }
+    // Then live, with the new count.
+    let live = persist(node, "u1", json!(4)).await;
+    let n = client.next_json().await;
+    assert_eq!(
+        (n["id"].as_str(), n["unread"].as_u64(), n["persisted"].as_bool()),
+        (Some(live.as_str()), Some(4), Some(true))
+    );
+    client.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn offline_notifications_wait_for_the_next_login_in_memory() {
+    let node = TestNode::start().await;
+    offline_notifications_wait_for_the_next_login(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_notifications_wait_for_the_next_login_in_redis() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    node.wait_ready(200).await;
+    offline_notifications_wait_for_the_next_login(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_on_one_device_updates_the_badge_on_every_node() {
+    let redis = RedisServer::start();
+    let a = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    let b = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+    let (mut phone, _) = connect(&a, "9", None).await;
+    let (mut laptop, _) = connect(&b, "9", None).await;
+    let first = persist(&a, "9", json!("a")).await;
+    let second = persist(&b, "9", json!("b")).await;
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(device.next_json().await["id"], first.as_str());
+        assert_eq!(device.next_json().await["unread"], 2);
+    }
+
+    phone.send_json(json!({ "type": "read", "ids": [first] })).await;
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(device.next_json().await, json!({ "type": "unread", "unread": 1 }));
+    }
+    let (status, body) = get_json(&a, "/api/users/9/unread").await;
+    assert_eq!((status, body["unread"].as_u64()), (200, Some(1)));
+    let (_, list) = get_json(&b, "/api/users/9/notifications?unread=true").await;
+    let unread: Vec<&str> =
+        list["notifications"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    assert_eq!(unread, vec![second.as_str()]);
+
+    let (status, body) = a.post("/api/users/9/read", Some(API_KEY), json!({ "all": true }).to_string()).await;
+    assert_eq!((status, body["unread"].as_u64()), (200, Some(0)));
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(device.next_json().await["unread"], 0);
+    }
+}
+
+async fn resume_loses_nothing_and_repeats_nothing(node: &TestNode) {
+    let (mut client, _) = connect(node, "r", None).await;
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        persist(node, "r", json!(i)).await;
+        seen.push(client.next_json().await["id"].as_str().unwrap().to_owned());
+    }
+    drop(client);
+    let mut published = seen.clone();
+    for i in 5..12 {
+        published.push(persist(node, "r", json!(i)).await);
+    }
+    let (mut client, welcome) = connect(node, "r", Some(seen.last().unwrap())).await;
+    assert_eq!(welcome["unread"], 12);
+    // Live ones published while the replay runs must not be repeated either.
+    let racer = tokio::spawn({
+        let base = (node.internal, node.settings.auth.api_keys[0].clone());
+        async move {
+            let mut ids = Vec::new();
+            for i in 12..20 {
+                let response = reqwest::Client::new()
+                    .post(format!("http://{}/api/publish", base.0))
+                    .bearer_auth(&base.1)
+                    .json(&json!({ "user": "r", "persist": true, "data": i }))
+                    .send()
+                    .await
+                    .unwrap();
+                ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+            }
+            ids
+        }
+    });
+    let more = racer.await.unwrap();
+    published.extend(more);
+    while seen.len() < published.len() {
+        let n = client.next_json().await;
+        seen.push(n["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, published, "resume lost, repeated or reordered notifications");
+    client.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn resume_loses_nothing_and_repeats_nothing_in_memory() {
+    let node = TestNode::start().await;
+    resume_loses_nothing_and_repeats_nothing(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_loses_nothing_and_repeats_nothing_in_redis() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    node.wait_ready(200).await;
+    resume_loses_nothing_and_repeats_nothing(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_published_during_a_broker_gap_are_replayed() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        // A gap long enough that the direct publishes below certainly fall into it.
+        s.broker.reconnect_min = Duration::from_millis(600);
+        s.broker.reconnect_max = Duration::from_millis(600);
+    })
+    .await;
+    node.wait_ready(200).await;
+    let (mut client, _) = connect(&node, "g", None).await;
+    let before = persist(&node, "g", json!("before")).await;
+    assert_eq!(client.next_json().await["id"], before.as_str());
+
+    // Kill the node's subscriber; publish straight into Redis (the node's publisher is fine)
+    // while it is gone. The session must get them once the node has resubscribed.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    let mut gap = Vec::new();
+    for i in 0..5 {
+        let out = redis
+            .cli(&[
+                "FCALL",
+                "pushnode_notify",
+                "1",
+                "pushnode:inbox:{g}",
+                "pushnode:user:g",
+                "PUBLISH",
+                &i.to_string(),
+                "",
+                "",
+                "200",
+                "0",
+                "1000",
+            ])
+            .unwrap();
+        gap.push(out.lines().next().unwrap().to_owned());
+    }
+    let mut got = BTreeSet::new();
+    while got.len() < gap.len() {
+        let n = client.next_json().await;
+        assert_eq!((n["type"].as_str(), n["replay"].as_bool()), (Some("notification"), Some(true)), "{n}");
+        got.insert(n["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(got, gap.into_iter().collect::<BTreeSet<_>>());
+    client.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_with_only_a_redis_client_persists_and_publishes_with_one_command() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.broker.user_channel = "push:message:{user}".into();
+    })
+    .await;
+    node.wait_ready(200).await;
+    let (mut client, _) = connect(&node, "42", None).await;
+    // What README's Laravel example sends: Redis::fcall('pushnode_notify', ...).
+    let out = redis
+        .cli(&[
+            "FCALL",
+            "pushnode_notify",
+            "1",
+            "pushnode:inbox:{42}",
+            "push:message:42",
+            "PUBLISH",
+            r#"{"title":"Invoice paid"}"#,
+            "invoice.paid",
+            "invoice-7",
+            "200",
+            "2592000000",
+            "86400000",
+        ])
+        .unwrap();
+    let n = client.next_json().await;
+    assert_eq!(
+        (n["event"].as_str(), n["data"]["title"].as_str(), n["unread"].as_u64()),
+        (Some("invoice.paid"), Some("Invoice paid"), Some(1))
+    );
+    assert!(out.starts_with(n["id"].as_str().unwrap()), "{out}");
+    // The same idempotency key again: no second notification.
+    redis
+        .cli(&[
+            "FCALL",
+            "pushnode_notify",
+            "1",
+            "pushnode:inbox:{42}",
+            "push:message:42",
+            "PUBLISH",
+            r#"{"title":"Invoice paid"}"#,
+            "invoice.paid",
+            "invoice-7",
+            "200",
+            "2592000000",
+            "86400000",
+        ])
+        .unwrap();
+    client.expect_silence(Duration::from_millis(300)).await;
+    let (_, body) = get_json(&node, "/api/users/42/unread").await;
+    assert_eq!(body["unread"], 1);
+}
+
+async fn retention_and_idempotency_hold(node: &TestNode) {
+    for i in 0..8 {
+        persist(node, "ret", json!(i)).await;
+    }
+    let (_, list) = get_json(node, "/api/users/ret/notifications").await;
+    let kept: Vec<u64> =
+        list["notifications"].as_array().unwrap().iter().map(|n| n["data"].as_u64().unwrap()).collect();
+    assert_eq!(kept, vec![3, 4, 5, 6, 7], "the oldest go first");
+    let (_, unread) = get_json(node, "/api/users/ret/unread").await;
+    assert_eq!(unread["unread"], 5, "the count follows the trimmed inbox");
+
+    let body = json!({ "user": "idem", "persist": true, "idempotency_key": "order-1", "data": 1 });
+    let (_, first) = node.publish(body.clone()).await;
+    let (_, again) = node.publish(body).await;
+    assert_eq!(first["notifications"][0]["duplicate"], false);
+    assert_eq!(again["notifications"][0]["duplicate"], true);
+    assert_eq!(first["id"], again["id"]);
+    let (_, unread) = get_json(node, "/api/users/idem/unread").await;
+    assert_eq!(unread["unread"], 1);
+}
+
+#[tokio::test]
+async fn retention_and_idempotency_hold_in_memory() {
+    let node = TestNode::with(|s| s.inbox.max_per_user = 5).await;
+    retention_and_idempotency_hold(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_idempotency_hold_in_redis() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.inbox.max_per_user = 5;
+    })
+    .await;
+    node.wait_ready(200).await;
+    retention_and_idempotency_hold(&node).await;
+    // TTLs are set on every key the inbox writes.
+    for key in ["pushnode:inbox:{ret}", "pushnode:inbox:{ret}:unread"] {
+        let ttl: i64 = redis.cli(&["PTTL", key]).unwrap().parse().unwrap();
+        assert!(ttl > 0, "{key} has no TTL");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_publishes_and_reads_keep_the_count_equal_to_the_inbox() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
+    node.wait_ready(200).await;
+    let internal = node.internal;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..25 {
+                let body: Value = http
+                    .post(format!("http://{internal}/api/publish"))
+                    .bearer_auth(API_KEY)
+                    .json(&json!({ "user": "race", "persist": true, "data": [t, i] }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if i % 3 == 0 {
+                    let id = body["id"].as_str().unwrap();
+                    let read = if t % 2 == 0 { json!({ "ids": [id] }) } else { json!({ "up_to": id }) };
+                    http.post(format!("http://{internal}/api/users/race/read"))
+                        .bearer_auth(API_KEY)
+                        .json(&read)
+                        .send()
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let (_, unread) = get_json(&node, "/api/users/race/unread").await;
+    let (_, list) = get_json(&node, "/api/users/race/notifications?unread=true&limit=500").await;
+    let listed = list["notifications"].as_array().unwrap().len() as u64;
+    assert_eq!(unread["unread"].as_u64(), Some(listed));
+    let zcard: u64 = redis.cli(&["ZCARD", "pushnode:inbox:{race}:unread"]).unwrap().parse().unwrap();
+    assert_eq!(zcard, listed);
+}
+
+#[tokio::test]
+async fn the_rest_api_pages_and_refuses_bad_input() {
+    let node = TestNode::start().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(persist(&node, "p", json!(i)).await);
+    }
+    let (_, page1) = get_json(&node, "/api/users/p/notifications?limit=2").await;
+    assert_eq!(page1["notifications"].as_array().unwrap().len(), 2);
+    let next = page1["next"].as_str().unwrap();
+    assert_eq!(next, ids[1]);
+    let (_, page2) = get_json(&node, &format!("/api/users/p/notifications?limit=2&after={next}")).await;
+    assert_eq!(page2["notifications"][0]["id"], ids[2].as_str());
+
+    assert_eq!(get_json(&node, "/api/users/p/notifications?after=nope").await.0, 400);
+    assert_eq!(get_json(&node, "/api/users/p/notifications?limit=0").await.0, 400);
+    assert_eq!(get_json(&node, "/api/users/bad%20user/unread").await.0, 400);
+    let (status, body) = node.post("/api/users/p/read", Some(API_KEY), json!({ "ids": ["x"] }).to_string()).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("ids[0]")));
+    let (status, _) =
+        node.post("/api/users/p/read", Some(API_KEY), json!({ "all": true, "up_to": ids[0] }).to_string()).await;
+    assert_eq!(status, 400);
+    let (status, _) = node.post("/api/users/p/read", None, json!({ "all": true }).to_string()).await;
+    assert_eq!(status, 401);
+    let (status, body) = node.publish(json!({ "channel": "news", "persist": true, "data": 1 })).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("persist")), "{body}");
+    let (status, body) = node.publish(json!({ "user": "p", "idempotency_key": "k", "data": 1 })).await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("idempotency_key")), "{body}");
+
+    // A bad last_id is refused before the upgrade.
+    assert_eq!(node.refused(&node.ws_url(&format!("token={}&last_id=zzz", node.token("p"))), &[]).await, 400);
+    // Bad read frames get error frames.
+    let (mut client, _) = connect(&node, "p", None).await;
+    for _ in 0..5 {
+        client.next_json().await; // the replayed unread ones
+    }
+    client.send_json(json!({ "type": "read", "ids": ["nope"] })).await;
+    assert_eq!(client.next_json().await["code"], "bad_id");
+    client.send_json(json!({ "type": "read" })).await;
+    assert_eq!(client.next_json().await["code"], "bad_frame");
+}
