@@ -326,5 +326,5 @@ async fn readyz(State(node): State<Node>) -> Response {
 }
 
 async fn metrics_text(State(node): State<Node>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics().render())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render(node.metrics()))
 }

@@ -129,7 +129,7 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
         },
     };
     let Some(admission) = node.admit() else {
-        return reject(StatusCode::SERVICE_UNAVAILABLE, "node_full", "node at its connection limit; retry another");
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "node_full", "node at its connection or memory limit; retry");
     };
     if node.hub().sessions_of(&identity.user) >= node.settings().limits.max_connections_per_user {
         return reject(StatusCode::TOO_MANY_REQUESTS, "user_limit", "too many connections for this user");

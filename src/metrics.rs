@@ -26,10 +26,89 @@ pub const BROKER_COMMANDS: &str = "pushnode_broker_commands_total";
 pub const BROKER_RESUBSCRIBE_DURATION: &str = "pushnode_broker_resubscribe_duration_seconds";
 pub const BROKER_RECONNECTS: &str = "pushnode_broker_reconnects_total";
 pub const BROKER_PROBE_LAST_SUCCESS: &str = "pushnode_broker_probe_last_success_timestamp_seconds";
+pub const INBOX_APPENDED: &str = "pushnode_inbox_appended_total";
+pub const INBOX_DUPLICATES: &str = "pushnode_inbox_duplicates_total";
+pub const INBOX_REPLAYED: &str = "pushnode_inbox_replayed_total";
+pub const INBOX_READS: &str = "pushnode_inbox_reads_total";
+pub const INBOX_ERRORS: &str = "pushnode_inbox_errors_total";
 
 /// Latency buckets from 100 µs to 10 s, roughly three per decade.
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The process's own figures, read from `/proc/self` (Linux); `None` elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub cpu_seconds: f64,
+    pub open_fds: u64,
+    pub max_fds: Option<u64>,
+    pub start_time_seconds: Option<f64>,
+}
+
+/// Clock ticks per second for `/proc/*/stat` times: 100 on every Linux platform Rust targets.
+const CLOCK_TICKS: f64 = 100.0;
+const PAGE_SIZE: u64 = 4096;
+
+impl ProcessStats {
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let cpu_seconds = (field(14)? + field(15)?) as f64 / CLOCK_TICKS;
+        let virtual_bytes = field(23)?;
+        let resident_bytes = field(24)? * PAGE_SIZE;
+        let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+        let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+            limits.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse().ok()
+        });
+        let start_time_seconds = (|| {
+            let boot: f64 = std::fs::read_to_string("/proc/stat")
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("btime "))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(boot + field(22)? as f64 / CLOCK_TICKS)
+        })();
+        Some(Self { resident_bytes, virtual_bytes, cpu_seconds, open_fds, max_fds, start_time_seconds })
+    }
+
+    /// The standard `process_*` series in Prometheus text format.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(1024);
+        let mut series = |name: &str, kind: &str, help: &str, value: f64| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n");
+        };
+        series("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", self.resident_bytes as f64);
+        series("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", self.virtual_bytes as f64);
+        series("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", self.cpu_seconds);
+        series("process_open_fds", "gauge", "Number of open file descriptors.", self.open_fds as f64);
+        if let Some(max) = self.max_fds {
+            series("process_max_fds", "gauge", "Maximum number of open file descriptors.", max as f64);
+        }
+        if let Some(start) = self.start_time_seconds {
+            series("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start);
+        }
+        out
+    }
+}
+
+/// The full `/metrics` text: the recorder's series, then the process's.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    if let Some(process) = ProcessStats::read() {
+        if !text.is_empty() && !text.ends_with("\n\n") {
+            text.push('\n');
+        }
+        text.push_str(&process.render());
+    }
+    text
+}
 
 /// How often the exporter's upkeep (histogram draining) runs.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -49,9 +128,33 @@ pub fn install() -> PrometheusHandle {
             // then ours stays unused and /metrics shows what it has.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_zeroes();
             handle
         })
         .clone()
+}
+
+/// Registers the counters dashboards and alerts rate() over, so they exist (at 0) from the
+/// start instead of appearing with their first event.
+fn register_zeroes() {
+    for name in [
+        CONNECTIONS_OPENED,
+        MESSAGES_PUBLISHED,
+        MESSAGES_FANNED_OUT,
+        MESSAGES_DELIVERED,
+        BROKER_RECONNECTS,
+        INBOX_APPENDED,
+        INBOX_DUPLICATES,
+        INBOX_REPLAYED,
+        INBOX_READS,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in ["slow_consumer", "closing"] {
+        metrics::counter!(MESSAGES_DROPPED, "reason" => reason).increment(0);
+    }
+    metrics::gauge!(CONNECTIONS).set(0.0);
+    metrics::gauge!(USERS).set(0.0);
 }
 
 fn describe() {
@@ -80,4 +183,9 @@ fn describe() {
     );
     describe_counter!(BROKER_RECONNECTS, "Subscriber reconnects after a lost, failed or silent connection");
     describe_gauge!(BROKER_PROBE_LAST_SUCCESS, "Unix time when this node last received its own probe through Redis");
+    describe_counter!(INBOX_APPENDED, "Notifications persisted to inboxes through this node");
+    describe_counter!(INBOX_DUPLICATES, "Persisted publishes skipped because their idempotency key was seen");
+    describe_counter!(INBOX_REPLAYED, "Inbox notifications replayed to sessions (connect, resume, broker gap)");
+    describe_counter!(INBOX_READS, "Mark-read operations");
+    describe_counter!(INBOX_ERRORS, "Inbox operations that failed (Redis unreachable or erroring), by operation");
 }

@@ -3,7 +3,7 @@
 //! ready?", which both listeners need.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
@@ -33,6 +33,8 @@ struct Inner {
     metrics: PrometheusHandle,
     tracker: TaskTracker,
     draining: AtomicBool,
+    /// Resident memory as last sampled ([`Node::sample_memory`]).
+    resident_bytes: AtomicU64,
     /// Sessions admitted (upgrade accepted, not yet ended). Counted from the 101 on, so the
     /// connection limit holds even while sessions are still registering.
     admitted: Arc<AtomicUsize>,
@@ -44,6 +46,7 @@ pub enum NotReady {
     Draining,
     Broker,
     Full,
+    Memory,
 }
 
 impl NotReady {
@@ -52,6 +55,7 @@ impl NotReady {
             Self::Draining => "draining",
             Self::Broker => "broker",
             Self::Full => "connection_limit",
+            Self::Memory => "memory_limit",
         }
     }
 }
@@ -97,6 +101,7 @@ impl Node {
                 metrics,
                 tracker,
                 draining: AtomicBool::new(false),
+                resident_bytes: AtomicU64::new(0),
                 admitted: Arc::new(AtomicUsize::new(0)),
             }),
         }
@@ -138,8 +143,21 @@ impl Node {
         self.inner.draining.load(Ordering::Acquire)
     }
 
-    /// Reserves a place for one more session, or `None` at the connection limit.
+    /// Records the process's resident memory (sampled periodically by the server).
+    pub fn sample_memory(&self, resident_bytes: u64) {
+        self.inner.resident_bytes.store(resident_bytes, Ordering::Release);
+    }
+
+    fn over_memory(&self) -> bool {
+        let max = self.inner.settings.limits.max_memory_bytes;
+        max > 0 && self.inner.resident_bytes.load(Ordering::Acquire) >= max
+    }
+
+    /// Reserves a place for one more session, or `None` at the connection or memory limit.
     pub fn admit(&self) -> Option<Admission> {
+        if self.over_memory() {
+            return None;
+        }
         let max = self.inner.settings.limits.max_connections;
         let admitted = &self.inner.admitted;
         admitted
@@ -148,7 +166,7 @@ impl Node {
             .map(|_| Admission { admitted: admitted.clone() })
     }
 
-    /// Readiness: not draining, broker ready, below the connection limit.
+    /// Readiness: not draining, broker ready, below the connection and memory limits.
     pub fn readiness(&self) -> Vec<NotReady> {
         let mut reasons = Vec::new();
         if self.is_draining() {
@@ -159,6 +177,9 @@ impl Node {
         }
         if self.inner.admitted.load(Ordering::Acquire) >= self.inner.settings.limits.max_connections {
             reasons.push(NotReady::Full);
+        }
+        if self.over_memory() {
+            reasons.push(NotReady::Memory);
         }
         reasons
     }

@@ -102,6 +102,8 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     let node =
         Node::new(Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker: tracker.clone() });
 
+    tracker.spawn(sample_memory(node.clone(), stop.clone()));
+
     let public_addr = listeners.public.local_addr()?;
     let internal_addr = listeners.internal.local_addr()?;
     let public = axum::serve(listeners.public, gateway::router(node.clone()))
@@ -151,6 +153,21 @@ async fn drain(node: &Node) {
     let deadline = Instant::now() + Duration::from_secs(1).min(node.settings().server.shutdown_grace);
     while node.hub().session_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Samples resident memory for admission control every second.
+async fn sample_memory(node: Node, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Some(stats) = metrics::ProcessStats::read() {
+                    node.sample_memory(stats.resident_bytes);
+                }
+            }
+            () = stop.cancelled() => return,
+        }
     }
 }
 

@@ -167,6 +167,9 @@ pub struct Limits {
     pub max_publish_bytes: usize,
     /// Users one `POST /api/publish` may name.
     pub max_publish_users: usize,
+    /// Resident memory (bytes) above which new connections get 503 and readiness fails, so the
+    /// load balancer and autoscaler send users elsewhere; 0 turns it off.
+    pub max_memory_bytes: u64,
 }
 
 impl Default for Limits {
@@ -179,6 +182,7 @@ impl Default for Limits {
             max_topics_per_session: 64,
             max_publish_bytes: 64 * 1024,
             max_publish_users: 1000,
+            max_memory_bytes: 0,
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError};
 use crate::channel::ChannelNames;
 use crate::hub::Hub;
+use crate::metrics as m;
 use crate::protocol::NoteId;
 use crate::settings;
 
@@ -128,17 +129,27 @@ impl Inbox {
         data: &RawValue,
         idempotency_key: Option<&str>,
     ) -> Result<Appended, InboxError> {
-        match self {
+        let result = match self {
             Self::Memory(m) => Ok(m.append(user, event, data, idempotency_key)),
             Self::Redis(r) => r.append(user, event, data, idempotency_key).await,
+        };
+        match &result {
+            Ok(a) if a.duplicate => metrics::counter!(m::INBOX_DUPLICATES).increment(1),
+            Ok(_) => metrics::counter!(m::INBOX_APPENDED).increment(1),
+            Err(_) => metrics::counter!(m::INBOX_ERRORS, "operation" => "append").increment(1),
         }
+        result
     }
 
     pub async fn state(&self, user: &str) -> Result<InboxState, InboxError> {
-        match self {
+        let result = match self {
             Self::Memory(m) => Ok(m.state(user)),
             Self::Redis(r) => r.state(user).await,
+        };
+        if result.is_err() {
+            metrics::counter!(m::INBOX_ERRORS, "operation" => "state").increment(1);
         }
+        result
     }
 
     /// Up to `limit` notifications after `after` (from the oldest if `None`), in id order.
@@ -149,17 +160,26 @@ impl Inbox {
         limit: usize,
         unread_only: bool,
     ) -> Result<Vec<Stored>, InboxError> {
-        match self {
+        let result = match self {
             Self::Memory(m) => Ok(m.list(user, after, limit, unread_only)),
             Self::Redis(r) => r.list(user, after, limit, unread_only).await,
+        };
+        if result.is_err() {
+            metrics::counter!(m::INBOX_ERRORS, "operation" => "list").increment(1);
         }
+        result
     }
 
     /// Marks notifications read and publishes the new unread count to the user's sessions.
     pub async fn mark_read(&self, user: &str, scope: &ReadScope) -> Result<u64, InboxError> {
-        match self {
+        let result = match self {
             Self::Memory(m) => Ok(m.mark_read(user, scope)),
             Self::Redis(r) => r.mark_read(user, scope).await,
+        };
+        match &result {
+            Ok(_) => metrics::counter!(m::INBOX_READS).increment(1),
+            Err(_) => metrics::counter!(m::INBOX_ERRORS, "operation" => "read").increment(1),
         }
+        result
     }
 }

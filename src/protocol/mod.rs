@@ -179,6 +179,9 @@ impl WireFrame {
 pub enum CloseReason {
     /// The client closed, or the session ended normally.
     Normal,
+    /// The client went away without a close handshake (nothing is sent; 1006 is what the
+    /// client's library reports).
+    Gone,
     /// The node is shutting down; reconnect after the given delay (jittered per session).
     ServerShutdown { reconnect_after_ms: u64 },
     /// The client did not read fast enough and its outbox filled up; it should reconnect.
@@ -201,6 +204,7 @@ impl CloseReason {
     pub const fn code(self) -> u16 {
         match self {
             Self::Normal => 1000,
+            Self::Gone => 1006,
             Self::ProtocolError => 1002,
             Self::MessageTooBig => 1009,
             Self::WriteFailed => 1011,
@@ -216,6 +220,7 @@ impl CloseReason {
     pub const fn label(self) -> &'static str {
         match self {
             Self::Normal => "normal",
+            Self::Gone => "gone",
             Self::ServerShutdown { .. } => "shutdown",
             Self::SlowConsumer => "slow_consumer",
             Self::HeartbeatTimeout => "heartbeat_timeout",
@@ -240,7 +245,7 @@ impl CloseReason {
             Self::MessageTooBig => "frame too large".to_owned(),
             Self::ProtocolError => "protocol error".to_owned(),
             Self::WriteFailed => "write failed".to_owned(),
-            Self::Normal => String::new(),
+            Self::Normal | Self::Gone => String::new(),
         }
     }
 }
@@ -265,6 +270,7 @@ mod tests {
     fn close_texts_fit_in_a_close_frame() {
         let reasons = [
             CloseReason::Normal,
+            CloseReason::Gone,
             CloseReason::ServerShutdown { reconnect_after_ms: u64::MAX },
             CloseReason::SlowConsumer,
             CloseReason::HeartbeatTimeout,

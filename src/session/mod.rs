@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
@@ -244,7 +244,7 @@ where
                             }
                         }
                         Some(Err(e)) => return read_error(&e),
-                        None => return CloseReason::Normal,
+                        None => return CloseReason::Gone,
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -372,6 +372,7 @@ where
                 return Ok(());
             }
         };
+        metrics::counter!(m::INBOX_REPLAYED).increment(stored.len() as u64);
         let mut frames = Vec::with_capacity(stored.len());
         for note in stored {
             let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
@@ -515,8 +516,8 @@ where
 
     /// Sends a close frame (best effort, bounded) and lets the socket go.
     async fn close(&mut self, reason: CloseReason) {
-        if matches!(reason, CloseReason::WriteFailed) {
-            return; // the socket is not writable; a close frame would only wait
+        if matches!(reason, CloseReason::WriteFailed | CloseReason::Gone) {
+            return; // nobody to tell, or no way to: a close frame would only wait
         }
         let frame = CloseFrame { code: CloseCode::from(reason.code()), reason: Utf8Bytes::from(reason.text()) };
         let _ = timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
@@ -526,9 +527,10 @@ where
 fn read_error(error: &WsError) -> CloseReason {
     match error {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::MessageTooBig,
+        // The peer went away without a close handshake: not a protocol mistake of the client's.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::Gone,
         WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_) => CloseReason::ProtocolError,
-        // The peer went away without a close handshake.
-        _ => CloseReason::Normal,
+        _ => CloseReason::Gone,
     }
 }
 
