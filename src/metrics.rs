@@ -86,13 +86,23 @@ impl ProcessStats {
         };
         series("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", self.resident_bytes as f64);
         series("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", self.virtual_bytes as f64);
-        series("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", self.cpu_seconds);
+        series(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            self.cpu_seconds,
+        );
         series("process_open_fds", "gauge", "Number of open file descriptors.", self.open_fds as f64);
         if let Some(max) = self.max_fds {
             series("process_max_fds", "gauge", "Maximum number of open file descriptors.", max as f64);
         }
         if let Some(start) = self.start_time_seconds {
-            series("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start);
+            series(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                start,
+            );
         }
         out
     }

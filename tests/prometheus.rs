@@ -86,7 +86,12 @@ fn the_alert_rules_pass_promtool() {
     let out = Command::new("promtool").arg("check").arg("rules").arg(&rules).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&rules).unwrap();
-    for alert in ["PushnodeSubscriberProbeStale", "PushnodeDeliveryLatencyHigh", "PushnodeSlowConsumerDrops", "PushnodeRedisReconnectLoop"] {
+    for alert in [
+        "PushnodeSubscriberProbeStale",
+        "PushnodeDeliveryLatencyHigh",
+        "PushnodeSlowConsumerDrops",
+        "PushnodeRedisReconnectLoop",
+    ] {
         assert!(text.contains(alert), "{alert} missing");
     }
 }
