@@ -370,17 +370,11 @@ impl<'a> Subscription<'a> {
             tokio::select! {
                 () = stop.cancelled() => return Outcome::Stopped,
                 () = shared.disconnected.notified() => {
-                    if matches!(self.conn, Conn::Cluster(_)) {
-                        // One shard connection dropped; the client reconnects it. Subscribing
-                        // again is idempotent, so re-assert every channel.
-                        warn!("a cluster shard connection dropped; resubscribing");
-                        let all: Vec<_> = self.subscribed.drain().collect();
-                        self.pending.extend(all);
-                        retry_at = Some(Instant::now() + backoff.next());
-                    } else {
-                        warn!("broker subscriber connection lost");
-                        return Outcome::Lost;
-                    }
+                    // In cluster mode this is one shard's connection. The client would redial
+                    // it, but its subscriptions there are gone and slots may have moved:
+                    // start over with a fresh connection and a full resubscribe.
+                    warn!("broker subscriber connection lost");
+                    return Outcome::Lost;
                 }
                 () = inner.hub.interest_notified() => {
                     self.on_interest_changes();

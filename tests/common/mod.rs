@@ -86,6 +86,10 @@ impl TestNode {
     }
 
     pub async fn with(change: impl FnOnce(&mut Settings)) -> Self {
+        // PUSHNODE_TEST_LOG=debug shows the nodes' logs when chasing a failure.
+        if let Ok(filter) = std::env::var("PUSHNODE_TEST_LOG") {
+            pushnode::logging::init(&pushnode::settings::Log { format: pushnode::settings::LogFormat::Text, filter });
+        }
         let mut settings = settings();
         change(&mut settings);
         settings.validate().unwrap();

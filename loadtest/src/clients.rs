@@ -1,0 +1,371 @@
+//! The fleet of WebSocket clients: one task per connection, spread over source addresses and
+//! nodes, each counting what it receives and timing it against the stamp in the payload.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use tokio::net::TcpSocket;
+use tokio::sync::{Notify, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::report::{ChurnReport, ConnectReport, Latency};
+use crate::{RunArgs, Scenario};
+
+/// The stamp every published message carries: sequence, send time (µs since the epoch) and
+/// the target user's index (`u64::MAX` for broadcasts).
+#[derive(Debug, Deserialize)]
+pub struct Stamp {
+    pub s: u64,
+    pub t: u64,
+    pub u: u64,
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+pub fn histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant figures.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Delivery counters shared by all connections.
+#[derive(Default)]
+pub struct Stats {
+    /// Only messages stamped at or after this time are counted (after warm-up).
+    pub measure_from_us: AtomicU64,
+    pub received: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub misrouted: AtomicU64,
+    latency: Mutex<Vec<Arc<Mutex<Histogram<u64>>>>>,
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Option<Arc<Mutex<Histogram<u64>>>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Stats {
+    /// Records a latency in the calling thread's histogram (uncontended), registered once.
+    fn record(&self, micros: u64) {
+        LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            let hist = local.get_or_insert_with(|| {
+                let h = Arc::new(Mutex::new(histogram()));
+                self.latency.lock().expect("poisoned").push(h.clone());
+                h
+            });
+            let _ = hist.lock().expect("poisoned").record(micros.max(1));
+        });
+    }
+
+    pub fn latency(&self) -> Histogram<u64> {
+        let mut all = histogram();
+        for h in self.latency.lock().expect("poisoned").iter() {
+            let _ = all.add(&*h.lock().expect("poisoned"));
+        }
+        all
+    }
+
+    pub fn reset_latency(&self) {
+        for h in self.latency.lock().expect("poisoned").iter() {
+            h.lock().expect("poisoned").reset();
+        }
+    }
+}
+
+struct Conn {
+    index: usize,
+    connected: AtomicBool,
+    stalled: AtomicBool,
+    /// Wakes the connection to drop and reopen its socket (churn).
+    reconnect: Notify,
+}
+
+#[derive(Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    args: RunArgs,
+    conns: Vec<Arc<Conn>>,
+    pub stats: Stats,
+    closing: AtomicBool,
+    close: Notify,
+    connects_ok: AtomicUsize,
+    connects_failed: AtomicUsize,
+    attempts_done: AtomicUsize,
+    attempt_done: Notify,
+    handshake: Mutex<Histogram<u64>>,
+    auth: Option<pushnode::auth::Authenticator>,
+    targets: Vec<(SocketAddr, String)>,
+}
+
+impl Fleet {
+    pub fn new(args: &RunArgs) -> anyhow::Result<Self> {
+        let targets = args
+            .urls
+            .iter()
+            .map(|url| {
+                let rest = url.strip_prefix("ws://").context("only ws:// URLs")?;
+                let (host, _) = rest.split_once('/').unwrap_or((rest, ""));
+                let addr: SocketAddr = host.parse().with_context(|| format!("{host} is not ip:port"))?;
+                Ok((addr, url.clone()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if targets.is_empty() || args.sources.is_empty() {
+            bail!("need at least one --url and one --source");
+        }
+        let auth = args.jwt_secret.as_ref().map(|secret| {
+            pushnode::auth::Authenticator::new(&pushnode::settings::Auth {
+                jwt_secret: secret.clone(),
+                ..Default::default()
+            })
+        });
+        let conns = (0..args.connections)
+            .map(|index| {
+                Arc::new(Conn {
+                    index,
+                    connected: AtomicBool::new(false),
+                    stalled: AtomicBool::new(false),
+                    reconnect: Notify::new(),
+                })
+            })
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                args: args.clone(),
+                conns,
+                stats: Stats::default(),
+                closing: AtomicBool::new(false),
+                close: Notify::new(),
+                connects_ok: AtomicUsize::new(0),
+                connects_failed: AtomicUsize::new(0),
+                attempts_done: AtomicUsize::new(0),
+                attempt_done: Notify::new(),
+                handshake: Mutex::new(histogram()),
+                auth,
+                targets,
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.conns.len()
+    }
+
+    pub fn user_index(&self, i: usize) -> usize {
+        self.inner.args.user_offset + i
+    }
+
+    pub fn connected(&self) -> usize {
+        self.inner.conns.iter().filter(|c| c.connected.load(Ordering::Acquire)).count()
+    }
+
+    /// Indices of connections that are connected and reading.
+    pub fn healthy(&self) -> Vec<usize> {
+        self.inner
+            .conns
+            .iter()
+            .filter(|c| c.connected.load(Ordering::Acquire) && !c.stalled.load(Ordering::Acquire))
+            .map(|c| c.index)
+            .collect()
+    }
+
+    /// Opens every connection, `concurrency` at a time, and waits for all attempts.
+    pub async fn connect_all(&self, concurrency: usize) -> ConnectReport {
+        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+        let started = Instant::now();
+        for conn in &self.inner.conns {
+            tokio::spawn(self.clone().drive(conn.clone(), permits.clone()));
+        }
+        let total = self.inner.conns.len();
+        loop {
+            let notified = self.inner.attempt_done.notified();
+            if self.inner.attempts_done.load(Ordering::Acquire) >= total {
+                break;
+            }
+            notified.await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let ok = self.inner.connects_ok.load(Ordering::Acquire);
+        let handshake = Latency::from(&*self.inner.handshake.lock().expect("poisoned"));
+        ConnectReport {
+            ok,
+            failed: self.inner.connects_failed.load(Ordering::Acquire),
+            seconds,
+            per_second: ok as f64 / seconds.max(1e-9),
+            handshake_us: handshake,
+        }
+    }
+
+    fn url(&self, conn: &Conn) -> (SocketAddr, String) {
+        let (addr, base) = &self.inner.targets[conn.index % self.inner.targets.len()];
+        let user = format!("lt{}", self.user_index(conn.index));
+        let auth = match &self.inner.auth {
+            Some(auth) => {
+                let token = auth.issue(&user, Duration::from_secs(3 * 3600), vec!["all".into()]).expect("token");
+                format!("token={token}")
+            }
+            None => format!("uid={user}"),
+        };
+        (*addr, format!("{base}?{auth}&format=raw"))
+    }
+
+    async fn open(
+        &self,
+        conn: &Conn,
+    ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
+        let (addr, url) = self.url(conn);
+        let source: IpAddr = self.inner.args.sources[conn.index % self.inner.args.sources.len()];
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let started = Instant::now();
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        // Small buffers: the generator holds as many connections as the node.
+        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+        let _ = self.inner.handshake.lock().expect("poisoned").record(started.elapsed().as_micros().max(1) as u64);
+        if self.inner.args.scenario == Scenario::Broadcast {
+            ws.send(Message::text(r#"{"type":"subscribe","channel":"all"}"#)).await?;
+            // Wait for the confirmation so that the broadcast starts with everyone subscribed.
+            while let Some(frame) = ws.next().await {
+                if let Message::Text(t) = frame?
+                    && t.contains("subscribed")
+                {
+                    break;
+                }
+            }
+        }
+        Ok(ws)
+    }
+
+    /// One connection's life: connect, read until told otherwise, reconnect on churn.
+    async fn drive(self, conn: Arc<Conn>, permits: Arc<Semaphore>) {
+        let mut first = true;
+        loop {
+            let ws = {
+                let _permit = permits.acquire().await.expect("semaphore");
+                self.open(&conn).await
+            };
+            if first {
+                match &ws {
+                    Ok(_) => self.inner.connects_ok.fetch_add(1, Ordering::AcqRel),
+                    Err(_) => self.inner.connects_failed.fetch_add(1, Ordering::AcqRel),
+                };
+                self.inner.attempts_done.fetch_add(1, Ordering::AcqRel);
+                self.inner.attempt_done.notify_waiters();
+                first = false;
+            }
+            let Ok(mut ws) = ws else {
+                if self.inner.args.scenario == Scenario::Storm || self.inner.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            conn.connected.store(true, Ordering::Release);
+            let reopen = self.read(&conn, &mut ws).await;
+            conn.connected.store(false, Ordering::Release);
+            if !reopen {
+                let _ = ws.close(None).await;
+                return;
+            }
+            drop(ws);
+        }
+    }
+
+    /// Reads frames until the fleet closes (false) or churn asks for a reconnect (true).
+    async fn read(&self, conn: &Conn, ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> bool {
+        let me = self.user_index(conn.index) as u64;
+        let mut last = 0u64;
+        loop {
+            if self.inner.closing.load(Ordering::Acquire) {
+                return false;
+            }
+            if conn.stalled.load(Ordering::Acquire) {
+                // Stop reading, keep the socket: the node must deal with it.
+                tokio::select! {
+                    () = self.inner.close.notified() => return false,
+                    () = conn.reconnect.notified() => return true,
+                }
+            }
+            let frame = tokio::select! {
+                frame = ws.next() => frame,
+                () = self.inner.close.notified() => return false,
+                () = conn.reconnect.notified() => return true,
+            };
+            let Some(Ok(frame)) = frame else {
+                return !self.inner.closing.load(Ordering::Acquire);
+            };
+            let Message::Text(text) = frame else { continue };
+            let Ok(stamp) = serde_json::from_str::<Stamp>(&text) else { continue };
+            let stats = &self.inner.stats;
+            if stamp.t < stats.measure_from_us.load(Ordering::Relaxed) {
+                last = last.max(stamp.s);
+                continue;
+            }
+            if stamp.u != u64::MAX && stamp.u != me {
+                stats.misrouted.fetch_add(1, Ordering::Relaxed);
+            }
+            if stamp.s <= last && last != 0 {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            last = stamp.s;
+            stats.received.fetch_add(1, Ordering::Relaxed);
+            stats.record(now_us().saturating_sub(stamp.t));
+        }
+    }
+
+    /// Makes a share of the connections stop reading.
+    pub fn stall(&self, fraction: f64) {
+        let count = (self.inner.conns.len() as f64 * fraction).round() as usize;
+        let step = (self.inner.conns.len() / count.max(1)).max(1);
+        for conn in self.inner.conns.iter().step_by(step).take(count) {
+            conn.stalled.store(true, Ordering::Release);
+        }
+    }
+
+    /// Closes and reopens `per_second` random connections every second for `duration`.
+    pub async fn churn(&self, per_second: usize, duration: Duration) -> ChurnReport {
+        self.inner.handshake.lock().expect("poisoned").reset();
+        let started = Instant::now();
+        let mut asked = 0usize;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while started.elapsed() < duration {
+            tick.tick().await;
+            for _ in 0..per_second / 10 {
+                let conn = &self.inner.conns[fastrand::usize(..self.inner.conns.len())];
+                conn.reconnect.notify_one();
+                asked += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let handshake = self.inner.handshake.lock().expect("poisoned");
+        ChurnReport {
+            reconnects_asked: asked,
+            reconnects_done: handshake.len() as usize,
+            per_second: handshake.len() as f64 / duration.as_secs_f64(),
+            handshake_us: Latency::from(&*handshake),
+            connected_at_end: self.connected(),
+        }
+    }
+
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+        self.inner.close.notify_waiters();
+    }
+}
