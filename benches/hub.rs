@@ -28,12 +28,12 @@ fn fanout(c: &mut Criterion) {
         let channel: Arc<str> = "pushnode:topic:all".into();
         let subscribers: Vec<Arc<Subscriber>> = (0..sessions)
             .map(|i| {
-                let s = Arc::new(Subscriber {
-                    id: hub.next_session_id(),
-                    user: format!("u{i}").into(),
-                    format: Format::Json,
-                    outbox: Outbox::new(1024),
-                });
+                let s = Arc::new(Subscriber::new(
+                    hub.next_session_id(),
+                    format!("u{i}").into(),
+                    Format::Json,
+                    Outbox::new(1024),
+                ));
                 hub.join(&channel, Some(&"all".into()), &s);
                 s
             })

@@ -136,12 +136,15 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let config = ws_config(&node);
-    let ctx = node.sessions().clone();
+    // Boxed: what the task needs only until the session starts stays out of the task's
+    // future, whose size is paid by every connection for its whole life.
+    let start =
+        Box::new(SessionStart { config: ws_config(&node), ctx: node.sessions().clone(), identity, format, last_id });
     node.tracker().spawn(async move {
         let _admission = admission;
         match on_upgrade.await {
             Ok(upgraded) => {
+                let SessionStart { config, ctx, identity, format, last_id } = *start;
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
                 session::run(ws, ctx, identity, format, last_id).await;
             }
@@ -159,6 +162,15 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
         h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
     }
     response
+}
+
+/// Everything a session needs once the connection is upgraded.
+struct SessionStart {
+    config: WebSocketConfig,
+    ctx: std::sync::Arc<session::SessionContext>,
+    identity: crate::auth::Identity,
+    format: Format,
+    last_id: Option<NoteId>,
 }
 
 fn ws_config(node: &Node) -> WebSocketConfig {

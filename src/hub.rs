@@ -21,17 +21,36 @@ use tokio::sync::{Notify, watch};
 
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing, PushError};
-use crate::protocol::{Delivery, Format};
+use crate::protocol::{Delivery, Format, WireFrame};
 
 pub type SessionId = u64;
 
-/// What the hub knows of a session: enough to deliver to it and to close it.
+/// What the hub knows of a session: enough to deliver to it, ping it and close it.
 #[derive(Debug)]
 pub struct Subscriber {
     pub id: SessionId,
     pub user: Arc<str>,
     pub format: Format,
     pub outbox: Outbox,
+    /// When the client was last heard from ([`monotonic_ms`]); the heartbeat sweep reads it.
+    pub last_heard: AtomicU64,
+}
+
+impl Subscriber {
+    pub fn new(id: SessionId, user: Arc<str>, format: Format, outbox: Outbox) -> Self {
+        Self { id, user, format, outbox, last_heard: AtomicU64::new(monotonic_ms()) }
+    }
+
+    /// Records that a frame (any frame) arrived from the client.
+    pub fn heard(&self) {
+        self.last_heard.store(monotonic_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds on a process-wide monotonic clock.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 #[derive(Debug, Default)]
@@ -237,8 +256,35 @@ impl Hub {
     }
 
     /// Called by the broker when its subscription is lost and after every full (re)subscribe.
+    /// Wakes every session, so those with an inbox check for a gap.
     pub fn bump_generation(&self) {
         self.inner.generation.send_modify(|g| *g += 1);
+        for session in self.inner.sessions.iter() {
+            session.outbox.wake();
+        }
+    }
+
+    /// One heartbeat round: pings every session, and closes those not heard from within
+    /// `timeout`. One node-wide sweep instead of a timer per connection.
+    pub fn heartbeat(&self, timeout: Duration) -> usize {
+        let now = monotonic_ms();
+        let timeout = timeout.as_millis() as u64;
+        let mut closed = 0;
+        for session in self.inner.sessions.iter() {
+            if now.saturating_sub(session.last_heard.load(Ordering::Relaxed)) >= timeout {
+                session.outbox.close(crate::protocol::CloseReason::HeartbeatTimeout);
+                closed += 1;
+            } else {
+                // A full outbox here means a slow consumer: the push closes it, as fan-out would.
+                let _ = session.outbox.push(Outgoing {
+                    frame: WireFrame::Ping,
+                    published_us: 0,
+                    persisted: None,
+                    generation: 0,
+                });
+            }
+        }
+        closed
     }
 
     pub fn is_broker_up(&self) -> bool {
@@ -349,15 +395,10 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{CloseReason, WireFrame};
+    use crate::protocol::CloseReason;
 
     fn subscriber(hub: &Hub, user: &str, capacity: usize) -> Arc<Subscriber> {
-        Arc::new(Subscriber {
-            id: hub.next_session_id(),
-            user: user.into(),
-            format: Format::Raw,
-            outbox: Outbox::new(capacity),
-        })
+        Arc::new(Subscriber::new(hub.next_session_id(), user.into(), Format::Raw, Outbox::new(capacity)))
     }
 
     #[test]

@@ -96,6 +96,11 @@ impl Outbox {
         self.state().closing
     }
 
+    /// Wakes the writer without queueing anything (it re-checks its state).
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
     /// Waits until there is something to do: frames to write, or a close.
     pub async fn ready(&self) {
         self.ready.notified().await;

@@ -97,8 +97,13 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     }
     let inbox = Inbox::new(&settings.inbox, &broker, hub.clone(), names.clone());
     tracker.spawn(inbox.clone().run(stop.clone()));
-    let sessions =
-        Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), Some(inbox.clone()), stop.clone()));
+    let sessions = Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), Some(inbox.clone())));
+    tracker.spawn(heartbeat(
+        hub.clone(),
+        settings.session.heartbeat_interval,
+        settings.session.heartbeat_timeout,
+        stop.clone(),
+    ));
     let node =
         Node::new(Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker: tracker.clone() });
 
@@ -116,6 +121,10 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
 
     shutdown.cancelled().await;
     drain(&node).await;
+    // Anything still open (or stuck writing) is told once more; a stalled write gives up on it.
+    for session in node.hub().sessions() {
+        session.outbox.close(CloseReason::ServerShutdown { reconnect_after_ms: 0 });
+    }
     stop.cancel();
     tracker.close();
     let grace = node.settings().server.shutdown_grace;
@@ -153,6 +162,23 @@ async fn drain(node: &Node) {
     let deadline = Instant::now() + Duration::from_secs(1).min(node.settings().server.shutdown_grace);
     while node.hub().session_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The node-wide heartbeat: every interval, ping every session and close the silent ones.
+async fn heartbeat(hub: Hub, interval: Duration, timeout: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await; // the first tick is immediate; sessions were just heard
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let closed = hub.heartbeat(timeout);
+                if closed > 0 {
+                    tracing::debug!(closed, "closed silent sessions");
+                }
+            }
+            () = stop.cancelled() => return,
+        }
     }
 }
 

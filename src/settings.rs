@@ -143,7 +143,7 @@ impl Default for Session {
             outbox_capacity: 256,
             write_timeout: Duration::from_secs(10),
             default_format: Format::Json,
-            read_buffer_bytes: 512,
+            read_buffer_bytes: 256,
             write_buffer_bytes: 16 * 1024,
         }
     }

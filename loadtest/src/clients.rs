@@ -223,10 +223,7 @@ impl Fleet {
         (*addr, format!("{base}?{auth}&format=raw"))
     }
 
-    async fn open(
-        &self,
-        conn: &Conn,
-    ) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
+    async fn open(&self, conn: &Conn) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
         let (addr, url) = self.url(conn);
         let source: IpAddr = self.inner.args.sources[conn.index % self.inner.args.sources.len()];
         let socket = TcpSocket::new_v4()?;

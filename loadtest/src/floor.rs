@@ -89,8 +89,13 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
     };
     println!(
         "floor: {} writes of {} bytes to {} sockets in {:.2} s; writer CPU {:.2} s: {:.0} writes per CPU-second ({:.0}/s wall)",
-        report.writes, report.size, report.connections, report.seconds, report.writer_cpu_seconds,
-        report.writes_per_cpu_second, report.writes_per_second
+        report.writes,
+        report.size,
+        report.connections,
+        report.seconds,
+        report.writer_cpu_seconds,
+        report.writes_per_cpu_second,
+        report.writes_per_second
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run one scenario against running nodes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure loopback TCP: small writes per CPU-second of the writing thread.
     Floor(floor::FloorArgs),
 }
@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
                 bail!("broadcast needs --jwt-secret: topic channels are granted by the token");
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let report = runtime.block_on(run(args.clone()))?;
+            let report = runtime.block_on(run(*args.clone()))?;
             println!("{}", report.summary());
             if let Some(path) = &args.json {
                 std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -74,7 +74,7 @@ pub async fn run(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Re
                 let i = targets[next % targets.len()];
                 next += 1;
                 // The slow scenario also keeps writing to the stalled clients.
-                if !stalled.is_empty() && next % 100 == 0 {
+                if !stalled.is_empty() && next.is_multiple_of(100) {
                     let s = stalled[(next / 100) % stalled.len()];
                     let payload = format!(r#"{{"s":{seq},"t":{t},"u":{}}}"#, fleet.user_index(s));
                     pipe.cmd("PUBLISH").arg(&channels[s]).arg(payload).ignore();
@@ -145,4 +145,3 @@ pub async fn resubscribe(args: &RunArgs, fleet: &Fleet) -> anyhow::Result<f64> {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "channels never came back");
     }
 }
-

@@ -153,7 +153,11 @@ impl Report {
 
     pub fn summary(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "scenario {:?}: {} connections over {} sources, {} node(s)", self.scenario, self.connections, self.sources, self.nodes);
+        let _ = writeln!(
+            out,
+            "scenario {:?}: {} connections over {} sources, {} node(s)",
+            self.scenario, self.connections, self.sources, self.nodes
+        );
         if let Some(c) = &self.connect {
             let _ = writeln!(
                 out,
@@ -173,7 +177,13 @@ impl Report {
             let _ = writeln!(
                 out,
                 "traffic: {} published, {} of {} expected delivered ({:.0}/s), lost {}, duplicates {}, misrouted {}",
-                t.published, t.delivered, t.expected_deliveries, t.delivered_per_second, t.lost, t.duplicates, t.misrouted
+                t.published,
+                t.delivered,
+                t.expected_deliveries,
+                t.delivered_per_second,
+                t.lost,
+                t.duplicates,
+                t.misrouted
             );
             let _ = writeln!(
                 out,

@@ -154,6 +154,8 @@ pub enum WireFrame {
     /// Validated UTF-8, so no session checks it again.
     Text(Utf8Bytes),
     Binary(Bytes),
+    /// A WebSocket ping (the heartbeat).
+    Ping,
 }
 
 impl WireFrame {
@@ -161,6 +163,7 @@ impl WireFrame {
         match self {
             Self::Text(t) => t.len(),
             Self::Binary(b) => b.len(),
+            Self::Ping => 0,
         }
     }
 

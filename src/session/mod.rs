@@ -1,10 +1,11 @@
 //! `Session`: one WebSocket connection, from the first frame after the 101 to the close.
 //!
-//! A session is one task that owns its socket. It waits on three things at once: its
-//! [`Outbox`] (frames queued by fan-out), the client's frames, and the heartbeat. It writes
-//! queued frames in batches (one flush per batch), answers client frames, pings on an interval
-//! and closes a client that stays silent. Every write has a timeout, and a write stalled by a
-//! client that stopped reading is abandoned as soon as fan-out marks the outbox closing.
+//! A session is one task that owns its socket. It waits on two things at once: its [`Outbox`]
+//! (frames queued by fan-out, heartbeat pings, close requests) and the client's frames. It
+//! writes queued frames in batches (one flush per batch) and answers client frames. Every
+//! write has a timeout, and a write stalled by a client that stopped reading is abandoned as
+//! soon as fan-out marks the outbox closing. There is no timer per connection: the node's
+//! heartbeat sweep ([`Hub::heartbeat`]) queues pings and closes sessions that stay silent.
 //!
 //! The session registers itself in the [`Hub`] and leaves it on every exit path; it never
 //! touches the broker (the hub reports interest changes to it).
@@ -18,18 +19,16 @@ mod rate;
 mod resume;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
-use tokio::time::{MissedTickBehavior, interval_at, sleep_until, timeout};
+use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, trace, warn};
 
 use self::rate::TokenBucket;
@@ -61,7 +60,6 @@ pub struct SessionContext {
     pub names: ChannelNames,
     pub node_id: Arc<str>,
     heartbeat_interval: Duration,
-    heartbeat_timeout: Duration,
     write_timeout: Duration,
     outbox_capacity: usize,
     max_per_user: usize,
@@ -70,26 +68,17 @@ pub struct SessionContext {
     subscribe_wait: Duration,
     inbox: Option<Inbox>,
     replay_limit: usize,
-    /// Hard stop: set after the drain; every session still open ends at once.
-    stop: CancellationToken,
     delivered: metrics::Counter,
     latency: metrics::Histogram,
 }
 
 impl SessionContext {
-    pub fn new(
-        settings: &Settings,
-        hub: Hub,
-        names: ChannelNames,
-        inbox: Option<Inbox>,
-        stop: CancellationToken,
-    ) -> Self {
+    pub fn new(settings: &Settings, hub: Hub, names: ChannelNames, inbox: Option<Inbox>) -> Self {
         Self {
             node_id: hub.node_id().into(),
             hub,
             names,
             heartbeat_interval: settings.session.heartbeat_interval,
-            heartbeat_timeout: settings.session.heartbeat_timeout,
             write_timeout: settings.session.write_timeout,
             outbox_capacity: settings.session.outbox_capacity,
             max_per_user: settings.limits.max_connections_per_user,
@@ -98,7 +87,6 @@ impl SessionContext {
             subscribe_wait: settings.broker.subscribe_wait,
             inbox,
             replay_limit: settings.inbox.replay_limit,
-            stop,
             delivered: metrics::counter!(m::MESSAGES_DELIVERED),
             latency: metrics::histogram!(m::DELIVERY_LATENCY),
         }
@@ -107,21 +95,25 @@ impl SessionContext {
 
 /// Runs one session to its end. `ws` has completed the handshake; `identity` was
 /// authenticated before it. `last_id` is the newest inbox id the client already has.
-pub async fn run<S>(
+///
+/// Not an `async fn`: the session is built first and the returned future owns it in place, so
+/// the socket is not stored twice in the task (the future's size is the per-connection cost).
+pub fn run<S>(
     ws: WebSocketStream<S>,
     ctx: Arc<SessionContext>,
     identity: Identity,
     format: Format,
     last_id: Option<NoteId>,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let subscriber = Arc::new(Subscriber {
-        id: ctx.hub.next_session_id(),
-        user: identity.user.clone(),
+    let subscriber = Arc::new(Subscriber::new(
+        ctx.hub.next_session_id(),
+        identity.user.clone(),
         format,
-        outbox: Outbox::new(ctx.outbox_capacity),
-    });
+        Outbox::new(ctx.outbox_capacity),
+    ));
     let span = info_span!("session", id = subscriber.id, user = %identity.user);
     let mut session = Session {
         ws,
@@ -133,7 +125,6 @@ pub async fn run<S>(
         bucket: TokenBucket::default(),
         batch: Vec::new(),
         resume: Resume::default(),
-        generation: None,
         resync_at: None,
         last_id,
     };
@@ -143,7 +134,6 @@ pub async fn run<S>(
         metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
     }
     .instrument(span)
-    .await;
 }
 
 struct Session<S> {
@@ -158,8 +148,6 @@ struct Session<S> {
     /// Reused between batches so a busy session does not allocate per batch.
     batch: Vec<Outgoing>,
     resume: Resume,
-    /// Broker subscription generation, watched by sessions with an inbox.
-    generation: Option<watch::Receiver<u64>>,
     /// When to replay a pending gap.
     resync_at: Option<tokio::time::Instant>,
     /// The client's `last_id` at connect.
@@ -173,7 +161,7 @@ where
     async fn run(&mut self) -> CloseReason {
         if self.ctx.hub.register(self.subscriber.clone(), self.ctx.max_per_user).is_err() {
             // Raced past the pre-upgrade check; refuse with a close code instead.
-            self.close(CloseReason::TooManyConnections).await;
+            Box::pin(self.close(CloseReason::TooManyConnections)).await;
             return CloseReason::TooManyConnections;
         }
         metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
@@ -183,7 +171,7 @@ where
         self.ctx.hub.wait_live(&self.user_channel, self.ctx.subscribe_wait).await;
 
         let reason = self.serve().await;
-        self.close(reason).await;
+        Box::pin(self.close(reason)).await;
 
         for (channel, _) in self.topics.drain(..) {
             self.ctx.hub.leave(&channel, self.subscriber.id);
@@ -195,15 +183,10 @@ where
 
     async fn serve(&mut self) -> CloseReason {
         if self.subscriber.format == Format::Json
-            && let Err(reason) = self.welcome().await
+            && let Err(reason) = Box::pin(self.welcome()).await
         {
             return reason;
         }
-
-        let period = self.ctx.heartbeat_interval;
-        let mut heartbeat = interval_at(tokio::time::Instant::now() + period, period);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
 
         loop {
             // Drain before waiting: a wake-up may have been consumed while a write was stalled.
@@ -213,50 +196,41 @@ where
                     return reason;
                 }
                 // Queued frames still go out before the close frame.
-                return self.write_batch().await.err().unwrap_or(reason);
+                return Box::pin(self.write_batch()).await.err().unwrap_or(reason);
             }
             if !self.batch.is_empty() {
-                if let Err(reason) = self.write_batch().await {
+                if let Err(reason) = Box::pin(self.write_batch()).await {
                     return reason;
                 }
                 continue;
             }
 
-            let resync_at = self.resync_at;
+            // The hub wakes every session when the broker's subscription generation changes.
+            if self.ctx.inbox.is_some() {
+                self.on_generation(self.ctx.hub.generation());
+            }
+            // The resync timer only exists while a gap is pending (boxed: most sessions never
+            // have one, and the session future stays small).
+            let mut resync_timer = self.resync_at.map(|at| Box::pin(sleep_until(at)));
             tokio::select! {
                 () = self.subscriber.outbox.ready() => {}
-                changed = changed(&mut self.generation) => {
-                    if let Some(generation) = changed {
-                        self.on_generation(generation);
-                    }
-                }
-                () = sleep_until(resync_at.unwrap_or_else(tokio::time::Instant::now)), if resync_at.is_some() => {
-                    if let Err(reason) = self.resync().await {
+                () = async { if let Some(t) = resync_timer.as_mut() { t.await } }, if resync_timer.is_some() => {
+                    if let Err(reason) = Box::pin(self.resync()).await {
                         return reason;
                     }
                 }
                 incoming = self.ws.next() => {
-                    last_heard = Instant::now();
+                    self.subscriber.heard();
                     match incoming {
                         Some(Ok(message)) => {
-                            if let Err(reason) = self.on_message(message).await {
+                            // Client frames are rare: their handling lives on the heap.
+                            if let Err(reason) = Box::pin(self.on_message(message)).await {
                                 return reason;
                             }
                         }
                         Some(Err(e)) => return read_error(&e),
                         None => return CloseReason::Gone,
                     }
-                }
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() >= self.ctx.heartbeat_timeout {
-                        return CloseReason::HeartbeatTimeout;
-                    }
-                    if let Err(reason) = self.write(Message::Ping(Bytes::new())).await {
-                        return reason;
-                    }
-                }
-                () = self.ctx.stop.cancelled() => {
-                    return CloseReason::ServerShutdown { reconnect_after_ms: 0 };
                 }
             }
         }
@@ -325,7 +299,6 @@ where
     async fn welcome(&mut self) -> Result<(), CloseReason> {
         let mut state = InboxState::default();
         if let Some(inbox) = &self.ctx.inbox {
-            self.generation = Some(self.ctx.hub.watch_generation());
             self.resume = Resume::new(self.ctx.hub.generation());
             match inbox.state(&self.identity.user).await {
                 Ok(s) => state = s,
@@ -383,7 +356,7 @@ where
     }
 
     fn on_generation(&mut self, generation: u64) {
-        if self.generation.is_none() {
+        if self.ctx.inbox.is_none() || self.subscriber.format != Format::Json {
             return;
         }
         let before = self.resume.pending_gap();
@@ -455,7 +428,7 @@ where
     /// replayed from the inbox first, so the client sees persisted ids in order and its
     /// `last_id` is always safe to resume from.
     async fn write_batch(&mut self) -> Result<(), CloseReason> {
-        if self.generation.is_some() {
+        if self.ctx.inbox.is_some() {
             if let Some(newest) = self.batch.iter().map(|o| o.generation).max() {
                 self.on_generation(newest);
             }
@@ -485,6 +458,7 @@ where
                 let message = match out.frame {
                     WireFrame::Text(text) => Message::Text(text),
                     WireFrame::Binary(bytes) => Message::Binary(bytes),
+                    WireFrame::Ping => Message::Ping(Bytes::new()),
                 };
                 ws.feed(message).await?;
             }
@@ -531,17 +505,6 @@ fn read_error(error: &WsError) -> CloseReason {
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::Gone,
         WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_) => CloseReason::ProtocolError,
         _ => CloseReason::Gone,
-    }
-}
-
-/// Waits for a generation change; never resolves without a watch.
-async fn changed(generation: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
-    match generation {
-        Some(rx) => match rx.changed().await {
-            Ok(()) => Some(*rx.borrow_and_update()),
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
     }
 }
 

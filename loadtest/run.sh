@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs one load-test scenario end to end on this machine: a Redis server, NODES pushnode
+# nodes, GENERATORS load-generator processes (each over its own loopback source addresses),
+# then collects the JSON reports and the nodes' RSS into loadtest/results/<time>-<scenario>/.
+#
+#   loadtest/run.sh SCENARIO CONNECTIONS [generator options...]
+#   NODES=3 GENERATORS=3 loadtest/run.sh idle 50000 --duration 10m
+#   loadtest/run.sh unicast 19000 --rate 50000 --duration 20s
+#   loadtest/run.sh floor
+#
+# Scenarios: idle unicast broadcast storm churn slow resubscribe (see pushnode-loadtest --help).
+# Everything listens and connects on 127.0.0.0/8 only, and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scenario=${1:?scenario}
+connections=${2:-1000}
+shift $(( $# >= 2 ? 2 : 1 ))
+nodes=${NODES:-1}
+generators=${GENERATORS:-1}
+secret=${SECRET:-loadtest-secret-loadtest-secret-0123}
+
+cargo build --release --quiet -p pushnode -p pushnode-loadtest
+bin=target/release
+out="loadtest/results/$(date +%Y%m%dT%H%M%S)-$scenario"
+mkdir -p "$out"
+
+if [[ $scenario == floor ]]; then
+  "$bin/pushnode-loadtest" floor --json "$out/floor.json" "$@" | tee "$out/summary.txt"
+  exit 0
+fi
+
+ulimit -n "$(ulimit -Hn)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+  --maxclients 1000 --client-output-buffer-limit "pubsub 64mb 16mb 60" >"$out/redis.log" 2>&1 &
+pids+=($!)
+until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
+
+urls=()
+node_pids=()
+for ((i = 0; i < nodes; i++)); do
+  public=$(free_port); internal=$(free_port)
+  PUSHNODE__SERVER__PUBLIC_ADDR=127.0.0.1:$public \
+  PUSHNODE__SERVER__INTERNAL_ADDR=127.0.0.1:$internal \
+  PUSHNODE__SERVER__NODE_ID=node$i \
+  PUSHNODE__AUTH__JWT_SECRET=$secret \
+  PUSHNODE__AUTH__API_KEYS=loadtest-api-key-0123456789 \
+  PUSHNODE__DEMO__ENABLED=false \
+  PUSHNODE__BROKER__KIND=redis \
+  PUSHNODE__BROKER__REDIS_URL=redis://127.0.0.1:$redis_port \
+  PUSHNODE__LIMITS__MAX_CONNECTIONS=60000 \
+  PUSHNODE__LOG__FILTER=warn \
+    "$bin/pushnode" serve >"$out/node$i.log" 2>&1 &
+  pids+=($!); node_pids+=($!)
+  urls+=(--url "ws://127.0.0.1:$public/ws")
+  until curl -sf "http://127.0.0.1:$internal/readyz" >/dev/null; do sleep 0.05; done
+done
+node_pid_args=(); for p in "${node_pids[@]}"; do node_pid_args+=(--node-pid "$p"); done
+rss() { local t=0; for p in "${node_pids[@]}"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
+rss_before=$(rss)
+
+per=$(( connections / generators ))
+gen_pids=()
+for ((g = 0; g < generators; g++)); do
+  # Four source addresses per generator: 127.0.0.(2+4g) .. (5+4g).
+  sources=$(for ((s = 0; s < 4; s++)); do printf '127.0.0.%d,' $((2 + 4 * g + s)); done); sources=${sources%,}
+  "$bin/pushnode-loadtest" run --scenario "$scenario" "${urls[@]}" --connections "$per" \
+    --user-offset $((g * per)) --sources "$sources" --jwt-secret "$secret" \
+    --redis-url "redis://127.0.0.1:$redis_port" "${node_pid_args[@]}" \
+    --json "$out/generator$g.json" "$@" >"$out/generator$g.txt" 2>&1 &
+  gen_pids+=($!)
+done
+status=0
+for p in "${gen_pids[@]}"; do wait "$p" || status=1; done
+rss_after=$(rss)
+{
+  for ((g = 0; g < generators; g++)); do echo "--- generator $g"; cat "$out/generator$g.txt"; done
+  echo "--- nodes: $nodes, RSS $rss_before KiB before, $rss_after KiB at the end"
+} | tee "$out/summary.txt"
+exit $status
