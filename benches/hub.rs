@@ -58,8 +58,14 @@ fn encoding(c: &mut Criterion) {
     let payload = payload();
     let foreign = Bytes::from_static(br#"{"cnt":5}"#);
     let mut group = c.benchmark_group("frame_encoding");
-    group.bench_function("envelope", |b| b.iter(|| Delivery::decode(&payload, None, || unreachable!())));
-    group.bench_function("foreign_payload", |b| b.iter(|| Delivery::decode(&foreign, None, || "n-1".to_owned())));
+    let id = || "n-1".to_owned();
+    group.bench_function("envelope_json", |b| {
+        b.iter(|| Delivery::decode(&payload, None).frame(Format::Json, &id).map(|f| f.len()))
+    });
+    group.bench_function("foreign_raw", |b| b.iter(|| Delivery::decode(&foreign, None).frame(Format::Raw, &id).map(|f| f.len())));
+    group.bench_function("foreign_json", |b| {
+        b.iter(|| Delivery::decode(&foreign, None).frame(Format::Json, &id).map(|f| f.len()))
+    });
     group.finish();
 }
 

@@ -364,11 +364,12 @@ impl Hub {
         let Some(entry) = self.inner.channels.get(channel) else {
             return Fanout::default();
         };
-        let delivery = Delivery::decode(payload, entry.topic.as_deref(), || self.next_message_id());
+        let delivery = Delivery::decode(payload, entry.topic.as_ref());
         let generation = self.generation();
+        let fallback_id = || self.next_message_id();
         let mut fanout = Fanout::default();
         for session in &entry.sessions {
-            let Some(frame) = delivery.frame(session.format) else { continue };
+            let Some(frame) = delivery.frame(session.format, &fallback_id) else { continue };
             let frame =
                 Outgoing { frame: frame.clone(), published_us: delivery.ts, persisted: delivery.persisted, generation };
             match session.outbox.push(frame) {

@@ -10,6 +10,12 @@ use pushnode::auth::Authenticator;
 use pushnode::{Listeners, Settings, logging};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc: glibc's malloc spent about a tenth of the node's CPU on small per-message
+/// allocations (consolidation, unlinking) under load; jemalloc's size classes avoid that
+/// (figures in docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "pushnode", version, about = "WebSocket push-notification node")]
 struct Cli {

@@ -108,6 +108,14 @@ impl ProcessStats {
     }
 }
 
+/// Resident memory of this process, from `/proc/self/statm` (cheap enough to sample every
+/// second, unlike [`ProcessStats::read`], which counts open file descriptors).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * PAGE_SIZE)
+}
+
 /// The full `/metrics` text: the recorder's series, then the process's.
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut text = handle.render();

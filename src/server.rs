@@ -188,8 +188,8 @@ async fn sample_memory(node: Node, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Some(stats) = metrics::ProcessStats::read() {
-                    node.sample_memory(stats.resident_bytes);
+                if let Some(resident) = metrics::resident_bytes() {
+                    node.sample_memory(resident);
                 }
             }
             () = stop.cancelled() => return,

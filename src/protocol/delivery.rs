@@ -9,6 +9,8 @@
 //! 4. anything else, delivered as the notification's `data` (raw sessions get it verbatim).
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
+use std::sync::Arc;
 use std::fmt;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -154,84 +156,119 @@ pub fn unread_frame(unread: u64) -> WireFrame {
     WireFrame::text(format!(r#"{{"type":"unread","unread":{unread}}}"#))
 }
 
-/// One message arriving on one channel, encoded at most once per [`Format`] on this node.
+/// One message arriving on one channel, encoded at most once per [`Format`] on this node, and
+/// only for the formats some session of the channel uses.
 #[derive(Debug)]
 pub struct Delivery {
     /// Publish time in microseconds since the Unix epoch.
     pub ts: u64,
     /// Inbox id, for persisted notifications.
     pub persisted: Option<NoteId>,
-    json: WireFrame,
+    /// Built on first use for foreign payloads (raw-only channels never pay for it).
+    json: OnceCell<WireFrame>,
     /// `None` for frames raw sessions do not get (unread-count updates).
     raw: Option<WireFrame>,
+    payload: Bytes,
+    topic: Option<Arc<str>>,
+}
+
+/// Whether the payload looks like one of ours: envelopes and unread updates are written with
+/// `pushnode` as their first key (by this node, the inbox functions, and the documented
+/// format), so anything else skips two failing parses.
+fn starts_like_ours(payload: &[u8]) -> bool {
+    let trimmed = payload.trim_ascii_start();
+    trimmed.starts_with(b"{\"pushnode\"")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 impl Delivery {
     /// Decodes a broker payload. `topic` is the topic name when the channel is a topic channel
-    /// (it goes into the frame's `channel` field), `None` for a user channel. `fallback_id`
-    /// names foreign payloads, which carry no id of their own.
-    pub fn decode(payload: &Bytes, topic: Option<&str>, fallback_id: impl FnOnce() -> String) -> Self {
-        if let Ok(env) = serde_json::from_slice::<Envelope<'_>>(payload)
-            && env.pushnode == PROTOCOL_VERSION
-        {
-            let json = Notification {
-                kind: "notification",
-                id: &env.id,
-                channel: topic,
-                event: env.event.as_deref(),
-                persisted: env.persisted,
-                unread: env.unread,
-                replay: false,
-                read: None,
-                data: env.data,
-                time: env.ts / 1000,
+    /// (it goes into the frame's `channel` field), `None` for a user channel.
+    pub fn decode(payload: &Bytes, topic: Option<&Arc<str>>) -> Self {
+        let json = OnceCell::new();
+        let topic = topic.cloned();
+        if starts_like_ours(payload) {
+            if let Ok(env) = serde_json::from_slice::<Envelope<'_>>(payload)
+                && env.pushnode == PROTOCOL_VERSION
+            {
+                let _ = json.set(
+                    Notification {
+                        kind: "notification",
+                        id: &env.id,
+                        channel: topic.as_deref(),
+                        event: env.event.as_deref(),
+                        persisted: env.persisted,
+                        unread: env.unread,
+                        replay: false,
+                        read: None,
+                        data: env.data,
+                        time: env.ts / 1000,
+                    }
+                    .encode(),
+                );
+                // The raw form is the published `data`, byte for byte.
+                let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
+                let persisted = if env.persisted { env.id.parse().ok() } else { None };
+                return Self { ts: env.ts, persisted, json, raw: Some(raw), payload: Bytes::new(), topic };
             }
-            .encode();
-            // The raw form is the published `data`, byte for byte.
-            let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
-            let persisted = if env.persisted { env.id.parse().ok() } else { None };
-            return Self { ts: env.ts, persisted, json, raw: Some(raw) };
+            if let Ok(update) = serde_json::from_slice::<UnreadUpdate>(payload) {
+                let _ = json.set(unread_frame(update.unread));
+                return Self { ts: 0, persisted: None, json, raw: None, payload: Bytes::new(), topic };
+            }
         }
-        let ts = now_micros();
-        if let Ok(update) = serde_json::from_slice::<UnreadUpdate>(payload) {
-            return Self { ts: 0, persisted: None, json: unread_frame(update.unread), raw: None };
+        Self {
+            ts: now_micros(),
+            persisted: None,
+            json,
+            raw: Some(text_or_binary(payload.clone())),
+            payload: payload.clone(),
+            topic,
         }
-        let id = fallback_id();
+    }
+
+    /// The frame for a session of `format`, or `None` if such sessions do not get this one.
+    /// `fallback_id` names foreign payloads, which carry no id, when their JSON frame is built.
+    pub fn frame(&self, format: Format, fallback_id: &dyn Fn() -> String) -> Option<&WireFrame> {
+        match format {
+            Format::Json => Some(self.json.get_or_init(|| self.foreign_json(&fallback_id()))),
+            Format::Raw => self.raw.as_ref(),
+        }
+    }
+
+    /// The notification frame around a payload that is not ours.
+    fn foreign_json(&self, id: &str) -> WireFrame {
+        let payload = &self.payload[..];
         let foreign = |event: Option<&str>, data: &RawValue| {
             Notification {
                 kind: "notification",
-                id: &id,
-                channel: topic,
+                id,
+                channel: self.topic.as_deref(),
                 event,
                 persisted: false,
                 unread: None,
                 replay: false,
                 read: None,
                 data,
-                time: ts / 1000,
+                time: self.ts / 1000,
             }
             .encode()
         };
-        let json = if let Ok(laravel) = serde_json::from_slice::<LaravelBroadcast<'_>>(payload) {
+        if contains(payload, b"\"event\"")
+            && let Ok(laravel) = serde_json::from_slice::<LaravelBroadcast<'_>>(payload)
+        {
             // A Laravel broadcast: its event name and data become the notification's.
-            foreign(Some(&laravel.event), laravel.data)
-        } else if let Ok(data) = serde_json::from_slice::<&RawValue>(payload) {
-            foreign(None, data)
-        } else {
-            // Not JSON: carry it as a JSON string so the JSON frame stays valid.
-            let quoted = serde_json::to_string(&String::from_utf8_lossy(payload)).unwrap_or_default();
-            let data = RawValue::from_string(quoted).unwrap_or_else(|_| null_value());
-            foreign(None, &data)
-        };
-        Self { ts, persisted: None, json, raw: Some(text_or_binary(payload.clone())) }
-    }
-
-    /// The frame for a session of `format`, or `None` if such sessions do not get this one.
-    pub fn frame(&self, format: Format) -> Option<&WireFrame> {
-        match format {
-            Format::Json => Some(&self.json),
-            Format::Raw => self.raw.as_ref(),
+            return foreign(Some(&laravel.event), laravel.data);
         }
+        if let Ok(data) = serde_json::from_slice::<&RawValue>(payload) {
+            return foreign(None, data);
+        }
+        // Not JSON: carry it as a JSON string so the JSON frame stays valid.
+        let quoted = serde_json::to_string(&String::from_utf8_lossy(payload)).unwrap_or_default();
+        let data = RawValue::from_string(quoted).unwrap_or_else(|_| null_value());
+        foreign(None, &data)
     }
 }
 
@@ -274,7 +311,9 @@ mod tests {
     use super::*;
 
     fn json_of(d: &Delivery) -> serde_json::Value {
-        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json, &|| "fallback".to_owned()) else {
+            panic!("text expected")
+        };
         serde_json::from_str(json).unwrap()
     }
 
@@ -295,7 +334,7 @@ mod tests {
         let payload = Bytes::from_static(
             br#"{"pushnode":1,"id":"1764136800123-4","ts":1764136800123456,"persisted":true,"unread":3,"data":{"a":1}}"#,
         );
-        let d = Delivery::decode(&payload, None, || unreachable!());
+        let d = Delivery::decode(&payload, None);
         assert_eq!(d.persisted, Some(NoteId { ms: 1764136800123, seq: 4 }));
         let v = json_of(&d);
         assert_eq!(
@@ -306,9 +345,9 @@ mod tests {
 
     #[test]
     fn unread_updates_reach_json_sessions_only() {
-        let d = Delivery::decode(&UnreadUpdate::encode(2), None, || unreachable!());
+        let d = Delivery::decode(&UnreadUpdate::encode(2), None);
         assert_eq!(json_of(&d), serde_json::json!({ "type": "unread", "unread": 2 }));
-        assert!(d.frame(Format::Raw).is_none());
+        assert!(d.frame(Format::Raw, &|| unreachable!()).is_none());
     }
 
     #[test]
@@ -328,44 +367,49 @@ mod tests {
     fn envelope_becomes_notification_and_raw_is_the_published_data() {
         let data = RawValue::from_string(r#"{"cnt":5}"#.into()).unwrap();
         let payload = Envelope::new("n-1", Some("App\\Events\\Comment"), &data).encode();
-        let d = Delivery::decode(&payload, None, || unreachable!("envelope has an id"));
-        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let d = Delivery::decode(&payload, None);
+        let id = || unreachable!("envelope has an id");
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json, &id) else { panic!("text expected") };
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["type"], "notification");
         assert_eq!(v["id"], "n-1");
         assert_eq!(v["event"], "App\\Events\\Comment");
         assert_eq!(v["data"]["cnt"], 5);
         assert!(v.get("channel").is_none());
-        assert_eq!(d.frame(Format::Raw), Some(&WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":5}"#))));
+        assert_eq!(d.frame(Format::Raw, &id), Some(&WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":5}"#))));
     }
 
     #[test]
     fn foreign_payload_is_delivered_verbatim_in_raw_and_wrapped_in_json() {
         let payload = Bytes::from_static(br#"{"cnt":7}"#);
-        let d = Delivery::decode(&payload, Some("news"), || "f-1".to_owned());
-        assert_eq!(d.frame(Format::Raw), Some(&WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":7}"#))));
-        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let d = Delivery::decode(&payload, Some(&Arc::from("news")));
+        let id = || "f-1".to_owned();
+        assert_eq!(d.frame(Format::Raw, &id), Some(&WireFrame::Text(Utf8Bytes::from_static(r#"{"cnt":7}"#))));
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json, &id) else { panic!("text expected") };
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["id"], "f-1");
         assert_eq!(v["channel"], "news");
         assert_eq!(v["data"]["cnt"], 7);
 
         let plain = Bytes::from_static(b"hello");
-        let d = Delivery::decode(&plain, None, || "f-2".to_owned());
-        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let d = Delivery::decode(&plain, None);
+        let id = || "f-2".to_owned();
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json, &id) else { panic!("text expected") };
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["data"], "hello");
 
         let binary = Bytes::from_static(&[0xff, 0x00]);
-        let d = Delivery::decode(&binary, None, || "f-3".to_owned());
-        assert_eq!(d.frame(Format::Raw), Some(&WireFrame::Binary(binary.clone())));
+        let d = Delivery::decode(&binary, None);
+        let id = || "f-3".to_owned();
+        assert_eq!(d.frame(Format::Raw, &id), Some(&WireFrame::Binary(binary.clone())));
     }
 
     #[test]
     fn a_laravel_broadcast_carries_its_event_and_data() {
         let payload = Bytes::from_static(br#"{"event":"App\\Events\\OrderShipped","data":{"order":7},"socket":null}"#);
-        let d = Delivery::decode(&payload, None, || "l-1".to_owned());
-        let Some(WireFrame::Text(json)) = d.frame(Format::Json) else { panic!("text expected") };
+        let d = Delivery::decode(&payload, None);
+        let id = || "l-1".to_owned();
+        let Some(WireFrame::Text(json)) = d.frame(Format::Json, &id) else { panic!("text expected") };
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["event"], "App\\Events\\OrderShipped");
         assert_eq!(v["data"], serde_json::json!({ "order": 7 }));
