@@ -62,7 +62,9 @@ fn encoding(c: &mut Criterion) {
     group.bench_function("envelope_json", |b| {
         b.iter(|| Delivery::decode(&payload, None).frame(Format::Json, &id).map(|f| f.len()))
     });
-    group.bench_function("foreign_raw", |b| b.iter(|| Delivery::decode(&foreign, None).frame(Format::Raw, &id).map(|f| f.len())));
+    group.bench_function("foreign_raw", |b| {
+        b.iter(|| Delivery::decode(&foreign, None).frame(Format::Raw, &id).map(|f| f.len()))
+    });
     group.bench_function("foreign_json", |b| {
         b.iter(|| Delivery::decode(&foreign, None).frame(Format::Json, &id).map(|f| f.len()))
     });

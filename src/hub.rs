@@ -264,13 +264,14 @@ impl Hub {
         }
     }
 
-    /// One heartbeat round: pings every session, and closes those not heard from within
-    /// `timeout`. One node-wide sweep instead of a timer per connection.
-    pub fn heartbeat(&self, timeout: Duration) -> usize {
+    /// One heartbeat step: pings the sessions of slice `slice` (of `slices`), and closes those
+    /// not heard from within `timeout`. One node-wide sweep, spread over the interval in
+    /// slices, instead of a timer per connection (and instead of one burst of pings).
+    pub fn heartbeat(&self, slice: u64, slices: u64, timeout: Duration) -> usize {
         let now = monotonic_ms();
         let timeout = timeout.as_millis() as u64;
         let mut closed = 0;
-        for session in self.inner.sessions.iter() {
+        for session in self.inner.sessions.iter().filter(|s| s.id % slices.max(1) == slice) {
             if now.saturating_sub(session.last_heard.load(Ordering::Relaxed)) >= timeout {
                 session.outbox.close(crate::protocol::CloseReason::HeartbeatTimeout);
                 closed += 1;

@@ -165,14 +165,20 @@ async fn drain(node: &Node) {
     }
 }
 
+/// Heartbeat slices: the sweep visits 1/SLICES of the sessions every interval/SLICES, so
+/// pings (one write per session) do not arrive as one burst that delays notifications.
+const HEARTBEAT_SLICES: u64 = 20;
+
 /// The node-wide heartbeat: every interval, ping every session and close the silent ones.
 async fn heartbeat(hub: Hub, interval: Duration, timeout: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval(interval / HEARTBEAT_SLICES as u32);
     tick.tick().await; // the first tick is immediate; sessions were just heard
+    let mut slice = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let closed = hub.heartbeat(timeout);
+                slice = (slice + 1) % HEARTBEAT_SLICES;
+                let closed = hub.heartbeat(slice, HEARTBEAT_SLICES, timeout);
                 if closed > 0 {
                     tracing::debug!(closed, "closed silent sessions");
                 }

@@ -227,6 +227,8 @@ impl Fleet {
         let (addr, url) = self.url(conn);
         let source: IpAddr = self.inner.args.sources[conn.index % self.inner.args.sources.len()];
         let socket = TcpSocket::new_v4()?;
+        // Earlier runs leave source ports in TIME_WAIT; let new connections reuse them.
+        socket.set_reuseaddr(true)?;
         socket.bind(SocketAddr::new(source, 0))?;
         let started = Instant::now();
         let stream = socket.connect(addr).await?;

@@ -63,6 +63,9 @@ pub async fn run(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Re
             cpu_start = Some(nodes.sample());
             stats.reset_latency();
         }
+        if batch == 0 {
+            continue;
+        }
         let measuring = Instant::now() >= measure_from;
         let mut pipe = redis::pipe();
         for _ in 0..batch {
