@@ -72,18 +72,15 @@ async fn offline_notifications_wait_for_the_next_login_in_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_notifications_wait_for_the_next_login_in_redis() {
     let redis = RedisServer::start();
-    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    node.wait_ready(200).await;
+    let node = TestNode::on(&redis).await;
     offline_notifications_wait_for_the_next_login(&node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_on_one_device_updates_the_badge_on_every_node() {
     let redis = RedisServer::start();
-    let a = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    let b = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    a.wait_ready(200).await;
-    b.wait_ready(200).await;
+    let a = TestNode::on(&redis).await;
+    let b = TestNode::on(&redis).await;
     let (mut phone, _) = connect(&a, "9", None).await;
     let (mut laptop, _) = connect(&b, "9", None).await;
     let first = persist(&a, "9", json!("a")).await;
@@ -162,8 +159,7 @@ async fn resume_loses_nothing_and_repeats_nothing_in_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_loses_nothing_and_repeats_nothing_in_redis() {
     let redis = RedisServer::start();
-    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    node.wait_ready(200).await;
+    let node = TestNode::on(&redis).await;
     resume_loses_nothing_and_repeats_nothing(&node).await;
 }
 
@@ -317,8 +313,7 @@ async fn retention_and_idempotency_hold_in_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_publishes_and_reads_keep_the_count_equal_to_the_inbox() {
     let redis = RedisServer::start();
-    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    node.wait_ready(200).await;
+    let node = TestNode::on(&redis).await;
     let internal = node.internal;
     let mut tasks = Vec::new();
     for t in 0..8 {

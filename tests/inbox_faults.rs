@@ -123,22 +123,14 @@ async fn publisher(internal: [SocketAddr; 2], next: Arc<AtomicUsize>) -> HashMap
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_persisted_notification_reaches_every_device_exactly_once_through_faults() {
     let redis = RedisServer::start();
-    let nodes = [
-        TestNode::with(|s| {
-            on_redis(s, &redis.url());
-            s.inbox.max_per_user = 1000;
-            s.inbox.replay_limit = 1000;
-            s.session.outbox_capacity = 1024;
-        })
-        .await,
-        TestNode::with(|s| {
-            on_redis(s, &redis.url());
-            s.inbox.max_per_user = 1000;
-            s.inbox.replay_limit = 1000;
-            s.session.outbox_capacity = 1024;
-        })
-        .await,
-    ];
+    // Every device keeps up with all of its user's 100 notifications.
+    let settings = |s: &mut pushnode::Settings| {
+        on_redis(s, &redis.url());
+        s.inbox.max_per_user = 1000;
+        s.inbox.replay_limit = 1000;
+        s.session.outbox_capacity = 1024;
+    };
+    let nodes = [TestNode::with(settings).await, TestNode::with(settings).await];
     for node in &nodes {
         node.wait_ready(200).await;
     }

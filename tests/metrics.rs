@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{API_KEY, TestNode, metric, on_redis};
+use common::{API_KEY, TestNode, metric};
 use serde_json::json;
 
 /// `promtool`, or `None` outside CI when it is not installed (the Debian package `prometheus`).
@@ -27,8 +27,7 @@ pub fn promtool() -> Option<&'static str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_describe_real_traffic() {
     let redis = RedisServer::start();
-    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    node.wait_ready(200).await;
+    let node = TestNode::on(&redis).await;
 
     let user = "metricsuser42";
     let mut client = node.connect(user).await;

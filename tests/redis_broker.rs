@@ -14,10 +14,8 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_one_node_reaches_the_users_sessions_on_every_node() {
     let redis = RedisServer::start();
-    let a = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    let b = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    a.wait_ready(200).await;
-    b.wait_ready(200).await;
+    let a = TestNode::on(&redis).await;
+    let b = TestNode::on(&redis).await;
     let mut on_a = a.connect("42").await;
     let mut on_b = b.connect("42").await;
     let mut other = b.connect("43").await;
@@ -77,8 +75,7 @@ async fn a_laravel_broadcast_reaches_the_user_as_a_notification() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_follow_sessions_and_drop_to_zero_when_they_leave() {
     let redis = RedisServer::start();
-    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    node.wait_ready(200).await;
+    let node = TestNode::on(&redis).await;
     let url = node.ws_url(&format!("token={}", node.token_with("7", &["news"])));
     let mut client = Client::connect(&url).await.unwrap();
     client.next_json().await;
@@ -147,8 +144,7 @@ async fn delivery_resumes(node: &TestNode, client: &mut Client, user: &str) -> D
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_subscriber_connection_is_restored_and_readiness_dips() {
     let redis = RedisServer::start();
-    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    node.wait_ready(200).await;
+    let node = TestNode::on(&redis).await;
     let mut client = node.connect("k").await;
 
     let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
@@ -163,8 +159,7 @@ async fn a_killed_subscriber_connection_is_restored_and_readiness_dips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_keeps_sessions_and_publishing_fails_fast_meanwhile() {
     let mut redis = RedisServer::start();
-    let node = TestNode::with(|s| on_redis(s, &redis.url())).await;
-    node.wait_ready(200).await;
+    let node = TestNode::on(&redis).await;
     let mut client = node.connect("r").await;
 
     redis.kill();

@@ -106,6 +106,13 @@ impl TestNode {
         Self { public, internal, settings, auth, shutdown, task: Some(task), http: reqwest::Client::new() }
     }
 
+    /// A node on a real Redis (short broker timers), once it is ready.
+    pub async fn on(redis: &redis::RedisServer) -> Self {
+        let node = Self::with(|s| on_redis(s, &redis.url())).await;
+        node.wait_ready(200).await;
+        node
+    }
+
     pub fn token(&self, user: &str) -> String {
         self.auth.issue(user, Duration::from_secs(300), vec![]).unwrap()
     }
