@@ -72,7 +72,7 @@ for ((g = 0; g < generators; g++)); do
   sources=$(for ((s = 0; s < 4; s++)); do printf '127.0.0.%d,' $((2 + 4 * g + s)); done); sources=${sources%,}
   "$bin/pushnode-loadtest" run --scenario "$scenario" "${urls[@]}" --connections "$per" \
     --user-offset $((g * per)) --sources "$sources" --jwt-secret "$secret" \
-    --redis-url "redis://127.0.0.1:$redis_port" "${node_pid_args[@]}" \
+    --redis-url "redis://127.0.0.1:$redis_port" "${node_pid_args[@]}" --total-connections "$connections" \
     --json "$out/generator$g.json" "$@" >"$out/generator$g.txt" 2>&1 &
   gen_pids+=($!)
 done

@@ -100,6 +100,10 @@ pub struct RunArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Connections on the nodes from all generators together, for RSS per connection when
+    /// several generators share the nodes (defaults to this generator's --connections).
+    #[arg(long)]
+    pub total_connections: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {

@@ -122,6 +122,8 @@ pub struct Report {
     pub traffic: Option<TrafficReport>,
     pub churn: Option<ChurnReport>,
     pub resubscribe_seconds: Option<f64>,
+    /// Connections on the nodes from all generators (RSS per connection is divided by it).
+    pub total_connections: Option<usize>,
 }
 
 impl Report {
@@ -141,12 +143,14 @@ impl Report {
             traffic: None,
             churn: None,
             resubscribe_seconds: None,
+            total_connections: args.total_connections,
         }
     }
 
-    /// Node RSS growth per connection, in bytes (from before connecting to after).
+    /// Node RSS growth per connection, in bytes (from before connecting to after). With
+    /// several generators, the growth is divided by all of their connections.
     pub fn rss_per_connection(&self) -> Option<f64> {
-        let ok = self.connect.as_ref()?.ok;
+        let ok = self.total_connections.unwrap_or(self.connect.as_ref()?.ok);
         (ok > 0 && self.node_connected.rss_kib > 0)
             .then(|| (self.node_connected.rss_kib.saturating_sub(self.node_before.rss_kib) * 1024) as f64 / ok as f64)
     }
