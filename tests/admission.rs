@@ -120,3 +120,14 @@ async fn a_plain_get_on_ws_is_not_an_upgrade() {
     assert!(js.text().await.unwrap().contains("PushNode"));
     node.stop().await;
 }
+
+#[tokio::test]
+async fn above_the_memory_limit_new_connections_get_503_and_readiness_fails() {
+    // Any process is above one byte: once the first RSS sample lands, admission closes.
+    let node = TestNode::with(|s| s.limits.max_memory_bytes = 1).await;
+    node.wait_ready(503).await;
+    let (_, body) = node.get("/readyz").await;
+    assert!(body.contains("memory_limit"), "{body}");
+    assert_eq!(node.refused(&node.ws_url(&format!("token={}", node.token("m"))), &[]).await, 503);
+    node.stop().await;
+}
