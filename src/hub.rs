@@ -98,6 +98,10 @@ struct Inner {
     node_id: Arc<str>,
     next_session: AtomicU64,
     next_message: AtomicU64,
+    /// Registered once: looking a counter up by name costs a hash per message.
+    fanned_out: metrics::Counter,
+    dropped_slow: metrics::Counter,
+    dropped_closing: metrics::Counter,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +125,9 @@ impl Hub {
                 node_id: node_id.into(),
                 next_session: AtomicU64::new(1),
                 next_message: AtomicU64::new(1),
+                fanned_out: metrics::counter!(m::MESSAGES_FANNED_OUT),
+                dropped_slow: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer"),
+                dropped_closing: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "closing"),
             }),
         }
     }
@@ -159,6 +166,8 @@ impl Hub {
 
     /// Removes a session. Its channels must have been left first ([`Hub::leave`]).
     pub fn unregister(&self, subscriber: &Subscriber) {
+        // Whoever still holds it (a heartbeat step, say) can no longer queue into it.
+        subscriber.outbox.close(crate::protocol::CloseReason::Gone);
         self.inner.sessions.remove(&subscriber.id);
         if let Entry::Occupied(mut e) = self.inner.users.entry(subscriber.user.clone()) {
             *e.get_mut() -= 1;
@@ -186,7 +195,7 @@ impl Hub {
         self.inner.users.get(user).map_or(0, |n| *n)
     }
 
-    /// Every live session, for a paced drain.
+    /// Every live session, for a paced drain and the heartbeat sweep.
     pub fn sessions(&self) -> Vec<Arc<Subscriber>> {
         self.inner.sessions.iter().map(|e| e.value().clone()).collect()
     }
@@ -264,19 +273,20 @@ impl Hub {
         }
     }
 
-    /// One heartbeat step: pings the sessions of slice `slice` (of `slices`), and closes those
-    /// not heard from within `timeout`. One node-wide sweep, spread over the interval in
-    /// slices, instead of a timer per connection (and instead of one burst of pings).
-    pub fn heartbeat(&self, slice: u64, slices: u64, timeout: Duration) -> usize {
+    /// One heartbeat step over `sessions` (a slice of [`Hub::sessions`]): pings each, and
+    /// closes those not heard from within `timeout`. One node-wide sweep, spread over the
+    /// interval in steps, instead of a timer per connection (and instead of one burst of pings).
+    pub fn heartbeat(&self, sessions: &[Arc<Subscriber>], timeout: Duration) -> usize {
         let now = monotonic_ms();
         let timeout = timeout.as_millis() as u64;
         let mut closed = 0;
-        for session in self.inner.sessions.iter().filter(|s| s.id % slices.max(1) == slice) {
+        for session in sessions {
             if now.saturating_sub(session.last_heard.load(Ordering::Relaxed)) >= timeout {
                 session.outbox.close(crate::protocol::CloseReason::HeartbeatTimeout);
                 closed += 1;
             } else {
                 // A full outbox here means a slow consumer: the push closes it, as fan-out would.
+                // A session that left since the snapshot refuses the push (its outbox is closed).
                 let _ = session.outbox.push(Outgoing {
                     frame: WireFrame::Ping,
                     published_us: 0,
@@ -379,17 +389,17 @@ impl Hub {
                 // on reconnect) rather than stalling this fan-out.
                 Err(PushError::Full) => {
                     fanout.dropped += 1;
-                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer").increment(1);
+                    self.inner.dropped_slow.increment(1);
                 }
                 // Already leaving; it unregisters itself.
                 Err(PushError::Closed) => {
                     fanout.dropped += 1;
-                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "closing").increment(1);
+                    self.inner.dropped_closing.increment(1);
                 }
             }
         }
         drop(entry);
-        metrics::counter!(m::MESSAGES_FANNED_OUT).increment(fanout.delivered as u64);
+        self.inner.fanned_out.increment(fanout.delivered as u64);
         fanout
     }
 }
@@ -465,5 +475,27 @@ mod tests {
         assert_eq!(hub.take_interest_changes(), vec![channel.clone()]);
         assert!(!hub.is_wanted("u:a"));
         assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[test]
+    fn heartbeat_pings_the_heard_closes_the_silent_and_skips_the_departed() {
+        let hub = Hub::new("n1", false);
+        let (alive, silent, gone) = (subscriber(&hub, "a", 8), subscriber(&hub, "b", 8), subscriber(&hub, "c", 8));
+        for s in [&alive, &silent, &gone] {
+            hub.register(s.clone(), 10).unwrap();
+        }
+        let sessions = hub.sessions();
+        assert_eq!(sessions.len(), 3);
+        std::thread::sleep(Duration::from_millis(5));
+        alive.heard();
+        gone.heard();
+        hub.unregister(&gone);
+
+        assert_eq!(hub.heartbeat(&sessions, Duration::from_millis(2)), 1);
+        let mut batch = Vec::new();
+        assert_eq!(alive.outbox.drain_into(&mut batch), None);
+        assert_eq!(batch.iter().map(|o| &o.frame).collect::<Vec<_>>(), vec![&WireFrame::Ping]);
+        assert_eq!(silent.outbox.closing(), Some(CloseReason::HeartbeatTimeout));
+        assert_eq!(gone.outbox.len(), 0);
     }
 }
