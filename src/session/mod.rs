@@ -15,10 +15,12 @@
 //! de-duplicating by id ([`resume`]). When the broker's subscription was interrupted it replays
 //! the gap once the channel is subscribed again.
 
+mod inbox;
 mod rate;
 mod resume;
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -29,20 +31,17 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, Pro
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
-use tracing::{Instrument, debug, info_span, trace, warn};
+use tracing::{Instrument, debug, info_span, trace};
 
 use self::rate::TokenBucket;
 use self::resume::Resume;
 use crate::auth::Identity;
 use crate::channel::{ChannelNames, granted, valid_name};
 use crate::hub::{Hub, Subscriber};
-use crate::inbox::{Inbox, InboxState, ReadScope};
+use crate::inbox::Inbox;
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing};
-use crate::protocol::{
-    ClientFrame, CloseReason, ErrorCode, Format, NoteId, PROTOCOL_VERSION, ServerFrame, WireFrame, encode_stored,
-    now_micros,
-};
+use crate::protocol::{ClientFrame, CloseReason, ErrorCode, Format, NoteId, ServerFrame, WireFrame, now_micros};
 use crate::settings::Settings;
 
 /// How long a close frame may take to leave before the socket is simply dropped.
@@ -294,114 +293,6 @@ where
         self.send(&ServerFrame::Subscribed { channel: topic }).await
     }
 
-    /// Sends the welcome and, with an inbox, replays what the client has not seen: the unread
-    /// notifications, or everything after its `last_id`.
-    async fn welcome(&mut self) -> Result<(), CloseReason> {
-        let mut state = InboxState::default();
-        if let Some(inbox) = &self.ctx.inbox {
-            self.resume = Resume::new(self.ctx.hub.generation());
-            match inbox.state(&self.identity.user).await {
-                Ok(s) => state = s,
-                // Live delivery still works; the gap is replayed when the inbox answers again.
-                Err(e) => {
-                    warn!(error = %e, "inbox unavailable at connect");
-                    self.resume.reopen_gap(self.last_id);
-                    self.resync_at = Some(resync_deadline());
-                }
-            }
-        }
-        let welcome = ServerFrame::Welcome {
-            protocol: PROTOCOL_VERSION,
-            node: self.ctx.node_id.to_string(),
-            session: self.subscriber.id.to_string(),
-            user: self.identity.user.to_string(),
-            heartbeat: self.ctx.heartbeat_interval.as_secs(),
-            format: self.subscriber.format,
-            channels: self.identity.channels.clone(),
-            unread: state.unread,
-            last_id: state.newest.map(|id| id.to_string()),
-        };
-        self.send(&welcome).await?;
-        if self.ctx.inbox.is_some() && self.resync_at.is_none() {
-            // Without last_id: the unread ones. With it: everything after it, read or not.
-            let unread_only = self.last_id.is_none();
-            self.replay(self.last_id, unread_only).await?;
-            if let Some(newest) = state.newest {
-                self.resume.advance(newest);
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes inbox notifications after `after` (up to the replay limit) and records them.
-    async fn replay(&mut self, after: Option<NoteId>, unread_only: bool) -> Result<(), CloseReason> {
-        let Some(inbox) = self.ctx.inbox.clone() else { return Ok(()) };
-        let stored = match inbox.list(&self.identity.user, after, self.ctx.replay_limit, unread_only).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                warn!(error = %e, "inbox replay failed; retrying");
-                self.resume.reopen_gap(after);
-                self.resync_at = Some(tokio::time::Instant::now() + RESYNC_SPREAD);
-                return Ok(());
-            }
-        };
-        metrics::counter!(m::INBOX_REPLAYED).increment(stored.len() as u64);
-        let mut frames = Vec::with_capacity(stored.len());
-        for note in stored {
-            let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
-            frames.push(Outgoing { frame, published_us: 0, persisted: None, generation: 0 });
-            self.resume.advance(note.id);
-        }
-        self.write_frames(&mut frames).await
-    }
-
-    fn on_generation(&mut self, generation: u64) {
-        if self.ctx.inbox.is_none() || self.subscriber.format != Format::Json {
-            return;
-        }
-        let before = self.resume.pending_gap();
-        self.resume.on_generation(generation);
-        if before.is_none() && self.resume.pending_gap().is_some() {
-            self.resync_at = Some(resync_deadline());
-        }
-    }
-
-    /// Replays a pending gap once the user's channel is subscribed again.
-    async fn resync(&mut self) -> Result<(), CloseReason> {
-        self.resync_at = None;
-        let Some(base) = self.resume.pending_gap() else { return Ok(()) };
-        if !self.ctx.hub.is_live(&self.user_channel) {
-            self.resync_at = Some(tokio::time::Instant::now() + RESYNC_RECHECK);
-            return Ok(());
-        }
-        self.resume.gap_filled();
-        debug!(after = ?base, "replaying a broker gap");
-        self.replay(base, false).await
-    }
-
-    async fn mark_read(&mut self, ids: Vec<String>, up_to: Option<String>, all: bool) -> Result<(), CloseReason> {
-        let Some(inbox) = self.ctx.inbox.clone() else {
-            return self.reply_error(ErrorCode::Unsupported, "this session has no inbox").await;
-        };
-        let scope = match (ids.is_empty(), up_to, all) {
-            (false, None, false) => match ids.iter().map(|i| i.parse()).collect::<Result<Vec<NoteId>, ()>>() {
-                Ok(ids) => ReadScope::Ids(ids),
-                Err(()) => return self.reply_error(ErrorCode::BadId, "ids must be <ms>-<seq>").await,
-            },
-            (true, Some(up_to), false) => match up_to.parse() {
-                Ok(id) => ReadScope::UpTo(id),
-                Err(()) => return self.reply_error(ErrorCode::BadId, "up_to must be <ms>-<seq>").await,
-            },
-            (true, None, true) => ReadScope::All,
-            _ => return self.reply_error(ErrorCode::BadFrame, "give exactly one of ids, up_to, all").await,
-        };
-        // The new count reaches every session of the user (this one too) through the broker.
-        match inbox.mark_read(&self.identity.user, &scope).await {
-            Ok(_) => Ok(()),
-            Err(e) => self.reply_error(ErrorCode::InboxUnavailable, e.to_string()).await,
-        }
-    }
-
     async fn reply_error(&mut self, code: ErrorCode, message: impl Into<String>) -> Result<(), CloseReason> {
         metrics::counter!(m::CLIENT_ERRORS, "code" => code.label()).increment(1);
         self.send(&ServerFrame::error(code, message)).await
@@ -448,13 +339,16 @@ where
     /// Writes `frames` with one flush. Gives up on the write timeout, or as soon as fan-out
     /// marks the outbox closing (a client that stopped reading would otherwise hold this task
     /// until the timeout).
+    ///
+    /// Most batches fit in the socket's send buffer and finish on their first poll; only a
+    /// write that has to wait arms the timeout and the closing watch (a timer and a waiter
+    /// registration saved per delivery).
     async fn write_frames(&mut self, frames: &mut Vec<Outgoing>) -> Result<(), CloseReason> {
         let Self { ws, subscriber, ctx, .. } = self;
         let count = frames.len();
-        let mut newest_ts = 0;
+        let newest_ts = frames.iter().map(|out| out.published_us).max().unwrap_or(0);
         let write = async {
             for out in frames.drain(..) {
-                newest_ts = newest_ts.max(out.published_us);
                 let message = match out.frame {
                     WireFrame::Text(text) => Message::Text(text),
                     WireFrame::Binary(bytes) => Message::Binary(bytes),
@@ -464,20 +358,28 @@ where
             }
             ws.flush().await
         };
-        let closed = async {
-            loop {
-                subscriber.outbox.ready().await;
-                if let Some(reason) = subscriber.outbox.closing() {
-                    break reason;
+        let mut write = std::pin::pin!(write);
+        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Err(CloseReason::WriteFailed),
+            Poll::Pending => {
+                let closed = async {
+                    loop {
+                        subscriber.outbox.ready().await;
+                        if let Some(reason) = subscriber.outbox.closing() {
+                            break reason;
+                        }
+                    }
+                };
+                tokio::select! {
+                    result = timeout(ctx.write_timeout, write) => match result {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) | Err(_) => return Err(CloseReason::WriteFailed),
+                    },
+                    reason = closed => return Err(reason),
                 }
             }
-        };
-        tokio::select! {
-            result = timeout(ctx.write_timeout, write) => match result {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Err(CloseReason::WriteFailed),
-            },
-            reason = closed => return Err(reason),
         }
         ctx.delivered.increment(count as u64);
         if newest_ts > 0 {
@@ -506,9 +408,4 @@ fn read_error(error: &WsError) -> CloseReason {
         WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_) => CloseReason::ProtocolError,
         _ => CloseReason::Gone,
     }
-}
-
-fn resync_deadline() -> tokio::time::Instant {
-    let spread = fastrand::u64(0..=RESYNC_SPREAD.as_millis() as u64);
-    tokio::time::Instant::now() + Duration::from_millis(spread)
 }

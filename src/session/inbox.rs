@@ -1,0 +1,137 @@
+//! The inbox side of a session: the welcome with the unread count, the replay of what the
+//! client has not seen, gap resyncs after a broker interruption, and `read` frames.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use super::resume::Resume;
+use super::{RESYNC_RECHECK, RESYNC_SPREAD, Session};
+use crate::inbox::{InboxState, ReadScope};
+use crate::metrics as m;
+use crate::outbox::Outgoing;
+use crate::protocol::{CloseReason, ErrorCode, Format, NoteId, PROTOCOL_VERSION, ServerFrame, encode_stored};
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Sends the welcome and, with an inbox, replays what the client has not seen: the unread
+    /// notifications, or everything after its `last_id`.
+    pub(super) async fn welcome(&mut self) -> Result<(), CloseReason> {
+        let mut state = InboxState::default();
+        if let Some(inbox) = &self.ctx.inbox {
+            self.resume = Resume::new(self.ctx.hub.generation());
+            match inbox.state(&self.identity.user).await {
+                Ok(s) => state = s,
+                // Live delivery still works; the gap is replayed when the inbox answers again.
+                Err(e) => {
+                    warn!(error = %e, "inbox unavailable at connect");
+                    self.resume.reopen_gap(self.last_id);
+                    self.resync_at = Some(resync_deadline());
+                }
+            }
+        }
+        let welcome = ServerFrame::Welcome {
+            protocol: PROTOCOL_VERSION,
+            node: self.ctx.node_id.to_string(),
+            session: self.subscriber.id.to_string(),
+            user: self.identity.user.to_string(),
+            heartbeat: self.ctx.heartbeat_interval.as_secs(),
+            format: self.subscriber.format,
+            channels: self.identity.channels.clone(),
+            unread: state.unread,
+            last_id: state.newest.map(|id| id.to_string()),
+        };
+        self.send(&welcome).await?;
+        if self.ctx.inbox.is_some() && self.resync_at.is_none() {
+            // Without last_id: the unread ones. With it: everything after it, read or not.
+            let unread_only = self.last_id.is_none();
+            self.replay(self.last_id, unread_only).await?;
+            if let Some(newest) = state.newest {
+                self.resume.advance(newest);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes inbox notifications after `after` (up to the replay limit) and records them.
+    async fn replay(&mut self, after: Option<NoteId>, unread_only: bool) -> Result<(), CloseReason> {
+        let Some(inbox) = self.ctx.inbox.clone() else { return Ok(()) };
+        let stored = match inbox.list(&self.identity.user, after, self.ctx.replay_limit, unread_only).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                warn!(error = %e, "inbox replay failed; retrying");
+                self.resume.reopen_gap(after);
+                self.resync_at = Some(tokio::time::Instant::now() + RESYNC_SPREAD);
+                return Ok(());
+            }
+        };
+        metrics::counter!(m::INBOX_REPLAYED).increment(stored.len() as u64);
+        let mut frames = Vec::with_capacity(stored.len());
+        for note in stored {
+            let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
+            frames.push(Outgoing { frame, published_us: 0, persisted: None, generation: 0 });
+            self.resume.advance(note.id);
+        }
+        self.write_frames(&mut frames).await
+    }
+
+    pub(super) fn on_generation(&mut self, generation: u64) {
+        if self.ctx.inbox.is_none() || self.subscriber.format != Format::Json {
+            return;
+        }
+        let before = self.resume.pending_gap();
+        self.resume.on_generation(generation);
+        if before.is_none() && self.resume.pending_gap().is_some() {
+            self.resync_at = Some(resync_deadline());
+        }
+    }
+
+    /// Replays a pending gap once the user's channel is subscribed again.
+    pub(super) async fn resync(&mut self) -> Result<(), CloseReason> {
+        self.resync_at = None;
+        let Some(base) = self.resume.pending_gap() else { return Ok(()) };
+        if !self.ctx.hub.is_live(&self.user_channel) {
+            self.resync_at = Some(tokio::time::Instant::now() + RESYNC_RECHECK);
+            return Ok(());
+        }
+        self.resume.gap_filled();
+        debug!(after = ?base, "replaying a broker gap");
+        self.replay(base, false).await
+    }
+
+    pub(super) async fn mark_read(
+        &mut self,
+        ids: Vec<String>,
+        up_to: Option<String>,
+        all: bool,
+    ) -> Result<(), CloseReason> {
+        let Some(inbox) = self.ctx.inbox.clone() else {
+            return self.reply_error(ErrorCode::Unsupported, "this session has no inbox").await;
+        };
+        let scope = match (ids.is_empty(), up_to, all) {
+            (false, None, false) => match ids.iter().map(|i| i.parse()).collect::<Result<Vec<NoteId>, ()>>() {
+                Ok(ids) => ReadScope::Ids(ids),
+                Err(()) => return self.reply_error(ErrorCode::BadId, "ids must be <ms>-<seq>").await,
+            },
+            (true, Some(up_to), false) => match up_to.parse() {
+                Ok(id) => ReadScope::UpTo(id),
+                Err(()) => return self.reply_error(ErrorCode::BadId, "up_to must be <ms>-<seq>").await,
+            },
+            (true, None, true) => ReadScope::All,
+            _ => return self.reply_error(ErrorCode::BadFrame, "give exactly one of ids, up_to, all").await,
+        };
+        // The new count reaches every session of the user (this one too) through the broker.
+        match inbox.mark_read(&self.identity.user, &scope).await {
+            Ok(_) => Ok(()),
+            Err(e) => self.reply_error(ErrorCode::InboxUnavailable, e.to_string()).await,
+        }
+    }
+}
+
+fn resync_deadline() -> tokio::time::Instant {
+    let spread = fastrand::u64(0..=RESYNC_SPREAD.as_millis() as u64);
+    tokio::time::Instant::now() + Duration::from_millis(spread)
+}
