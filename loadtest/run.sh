@@ -56,6 +56,7 @@ for ((i = 0; i < nodes; i++)); do
   PUSHNODE__BROKER__REDIS_URL=redis://127.0.0.1:$redis_port \
   PUSHNODE__LIMITS__MAX_CONNECTIONS=60000 \
   PUSHNODE__LOG__FILTER=warn \
+  TOKIO_WORKER_THREADS=${NODE_WORKERS:-2} \
     "$bin/pushnode" serve >"$out/node$i.log" 2>&1 &
   pids+=($!); node_pids+=($!)
   urls+=(--url "ws://127.0.0.1:$public/ws")
@@ -64,6 +65,10 @@ done
 node_pid_args=(); for p in "${node_pids[@]}"; do node_pid_args+=(--node-pid "$p"); done
 rss() { local t=0; for p in "${node_pids[@]}"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
 rss_before=$(rss)
+
+# The nodes' combined RSS every 30 s while the scenario runs (is it flat?).
+( while sleep 30; do echo "$(date +%T) $(rss) KiB"; done ) >"$out/rss.log" 2>/dev/null &
+pids+=($!)
 
 per=$(( connections / generators ))
 gen_pids=()
@@ -82,5 +87,6 @@ rss_after=$(rss)
 {
   for ((g = 0; g < generators; g++)); do echo "--- generator $g"; cat "$out/generator$g.txt"; done
   echo "--- nodes: $nodes, RSS $rss_before KiB before, $rss_after KiB at the end"
+  echo "--- nodes' RSS every 30 s:"; cat "$out/rss.log"
 } | tee "$out/summary.txt"
 exit $status

@@ -287,9 +287,16 @@ impl Fleet {
     }
 
     /// Reads frames until the fleet closes (false) or churn asks for a reconnect (true).
+    ///
+    /// The two wake-ups are registered once per connection, not once per frame: all
+    /// connections share `close`, and re-registering on it for every frame would serialise
+    /// the generator's threads on that one waiter list.
     async fn read(&self, conn: &Conn, ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> bool {
         let me = self.user_index(conn.index) as u64;
         let mut last = 0u64;
+        let mut closed = std::pin::pin!(self.inner.close.notified());
+        closed.as_mut().enable();
+        let mut reopen = std::pin::pin!(conn.reconnect.notified());
         loop {
             if self.inner.closing.load(Ordering::Acquire) {
                 return false;
@@ -297,14 +304,15 @@ impl Fleet {
             if conn.stalled.load(Ordering::Acquire) {
                 // Stop reading, keep the socket: the node must deal with it.
                 tokio::select! {
-                    () = self.inner.close.notified() => return false,
-                    () = conn.reconnect.notified() => return true,
+                    () = closed.as_mut() => return false,
+                    () = reopen.as_mut() => return true,
                 }
             }
             let frame = tokio::select! {
+                biased;
                 frame = ws.next() => frame,
-                () = self.inner.close.notified() => return false,
-                () = conn.reconnect.notified() => return true,
+                () = closed.as_mut() => return false,
+                () = reopen.as_mut() => return true,
             };
             let Some(Ok(frame)) = frame else {
                 return !self.inner.closing.load(Ordering::Acquire);

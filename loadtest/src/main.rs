@@ -82,6 +82,9 @@ pub struct RunArgs {
     /// Messages per second to publish (0: as fast as the pipeline allows).
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
+    /// With --rate, publish one pipeline this often (its share of the rate).
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    pub publish_tick: Duration,
     /// Measurement time.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,

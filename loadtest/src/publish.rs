@@ -13,8 +13,6 @@ use crate::{RunArgs, Scenario};
 
 /// Messages per pipeline when publishing as fast as possible.
 const MAX_BATCH: usize = 512;
-/// Pacing tick.
-const TICK: Duration = Duration::from_millis(5);
 
 async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
     let client = redis::Client::open(url).context("redis url")?;
@@ -23,37 +21,98 @@ async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
 
 /// Publishes for warm-up + duration, then waits for the tail, and reports.
 pub async fn run(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<TrafficReport> {
-    let mut conn = connect(&args.redis_url).await?;
+    let stats = fleet.stats();
+    let buffers = OutputBuffers::watch(connect(&args.redis_url).await?);
+    stats.measure_from_us.store(now_us() + args.warmup.as_micros() as u64, Ordering::Release);
+    let published = tokio::task::spawn_blocking({
+        let (args, fleet, nodes) = (args.clone(), fleet.clone(), nodes.clone());
+        move || publish(&args, &fleet, &nodes)
+    })
+    .await
+    .context("publisher thread")??;
+    let received_at_end = stats.received.load(Ordering::Acquire);
+    // Let in-flight messages arrive: stop when nothing new came for 500 ms (at most 10 s).
+    let mut last = received_at_end;
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = stats.received.load(Ordering::Acquire);
+        if now == last || now >= published.expected {
+            break;
+        }
+        last = now;
+    }
+    let received = stats.received.load(Ordering::Acquire);
+    let seconds = args.duration.as_secs_f64();
+    let subscriber_output_buffer_max_bytes = buffers.stop().await?;
+    let node_cpu = published.node_cpu_seconds;
+    Ok(TrafficReport {
+        published: published.messages,
+        expected_deliveries: published.expected,
+        delivered: received,
+        delivered_per_second: received_at_end.min(received) as f64 / seconds,
+        lost: published.expected.saturating_sub(received),
+        duplicates: stats.duplicates.load(Ordering::Acquire),
+        misrouted: stats.misrouted.load(Ordering::Acquire),
+        latency_us: Latency::from(&stats.latency()),
+        node_cpu_seconds: node_cpu,
+        node_cpu_us_per_delivery: if received > 0 { node_cpu * 1e6 / received as f64 } else { 0.0 },
+        deliveries_per_node_cpu_second: if node_cpu > 0.0 { received as f64 / node_cpu } else { 0.0 },
+        subscriber_output_buffer_max_bytes,
+    })
+}
+
+/// What the publishing thread did.
+struct Published {
+    messages: u64,
+    /// Deliveries the measured window should produce (messages × receivers).
+    expected: u64,
+    /// The nodes' CPU time over the measured window.
+    node_cpu_seconds: f64,
+}
+
+/// The publishing loop, on its own thread with a blocking connection: a paced rate goes out
+/// as one pipeline every `--publish-tick` (sleeping to a deadline, which the async timer's
+/// millisecond granularity cannot do), so messages arrive spread out as they would from many
+/// application servers rather than in large bursts.
+fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<Published> {
+    let mut conn = redis::Client::open(args.redis_url.as_str())
+        .context("redis url")?
+        .get_connection()
+        .context("connecting to Redis")?;
     let broadcast = args.scenario == Scenario::Broadcast;
     let topic = args.topic_channel.replace("{topic}", "all");
     let channels: Vec<String> =
         (0..fleet.len()).map(|i| args.user_channel.replace("{user}", &format!("lt{}", fleet.user_index(i)))).collect();
     // Unicast goes to the healthy clients only (slow ones are written off on purpose).
     let targets = fleet.healthy();
+    anyhow::ensure!(!targets.is_empty(), "no connected client to publish to");
     let mut stalled: Vec<usize> = Vec::new();
     if args.scenario == Scenario::Slow {
         let healthy: std::collections::HashSet<usize> = targets.iter().copied().collect();
         stalled = (0..fleet.len()).filter(|i| !healthy.contains(i)).collect();
     }
-    let receivers = if broadcast { fleet.healthy().len() as u64 } else { 1 };
+    let receivers = if broadcast { targets.len() as u64 } else { 1 };
 
     let stats = fleet.stats();
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
-    stats.measure_from_us.store(now_us() + args.warmup.as_micros() as u64, Ordering::Release);
-    let mut seq = 0u64;
-    let mut sent_measured = 0u64;
+    let (mut seq, mut expected) = (0u64, 0u64);
     let mut cpu_start = None;
     let mut next = 0usize;
-    let mut tick = tokio::time::interval(TICK);
-    let per_tick = (args.rate as f64 * TICK.as_secs_f64()).max(0.0);
+    let tick = args.publish_tick.max(Duration::from_micros(50));
+    let per_tick = (args.rate as f64 * tick.as_secs_f64()).max(0.0);
+    let mut deadline = start;
     let mut carry = 0.0;
     while Instant::now() < end {
         let batch = if args.rate == 0 {
             MAX_BATCH
         } else {
-            tick.tick().await;
+            deadline += tick;
+            if let Some(wait) = deadline.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
             carry += per_tick;
             let n = carry.floor() as usize;
             carry -= n as f64;
@@ -86,40 +145,62 @@ pub async fn run(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Re
             };
             pipe.cmd("PUBLISH").arg(channel).arg(format!(r#"{{"s":{seq},"t":{t},"u":{u}}}"#)).ignore();
             if measuring {
-                sent_measured += receivers;
+                expected += receivers;
             }
         }
-        pipe.query_async::<()>(&mut conn).await.context("PUBLISH pipeline")?;
+        pipe.query::<()>(&mut conn).context("PUBLISH pipeline")?;
     }
     let cpu_end = nodes.sample();
-    let received_at_end = stats.received.load(Ordering::Acquire);
-    // Let in-flight messages arrive: stop when nothing new came for 500 ms (at most 10 s).
-    let mut last = received_at_end;
-    let drain_until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = stats.received.load(Ordering::Acquire);
-        if now == last || now >= sent_measured {
-            break;
-        }
-        last = now;
-    }
-    let received = stats.received.load(Ordering::Acquire);
-    let seconds = args.duration.as_secs_f64();
-    let node_cpu = cpu_start.map(|s| cpu_end.cpu_seconds - s.cpu_seconds).unwrap_or(0.0);
-    Ok(TrafficReport {
-        published: seq,
-        expected_deliveries: sent_measured,
-        delivered: received,
-        delivered_per_second: received_at_end.min(received) as f64 / seconds,
-        lost: sent_measured.saturating_sub(received),
-        duplicates: stats.duplicates.load(Ordering::Acquire),
-        misrouted: stats.misrouted.load(Ordering::Acquire),
-        latency_us: Latency::from(&stats.latency()),
-        node_cpu_seconds: node_cpu,
-        node_cpu_us_per_delivery: if received > 0 { node_cpu * 1e6 / received as f64 } else { 0.0 },
-        deliveries_per_node_cpu_second: if node_cpu > 0.0 { received as f64 / node_cpu } else { 0.0 },
+    Ok(Published {
+        messages: seq,
+        expected,
+        node_cpu_seconds: cpu_start.map(|s| cpu_end.cpu_seconds - s.cpu_seconds).unwrap_or(0.0),
     })
+}
+
+/// Samples, every 100 ms, the output buffer Redis holds for each subscriber connection
+/// (`omem` in `CLIENT LIST TYPE pubsub`) and keeps the largest: how far a node's subscriber
+/// falls behind Redis.
+struct OutputBuffers {
+    stop: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<anyhow::Result<u64>>,
+}
+
+impl OutputBuffers {
+    fn watch(mut conn: MultiplexedConnection) -> Self {
+        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut largest = 0u64;
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = stop.notified() => return Ok(largest),
+                    }
+                    let list: String =
+                        redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub").query_async(&mut conn).await?;
+                    largest = largest.max(largest_omem(&list));
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> anyhow::Result<u64> {
+        self.stop.notify_one();
+        self.task.await.context("output buffer sampler")?
+    }
+}
+
+/// The largest `omem=` of a `CLIENT LIST` reply (one client per line).
+fn largest_omem(list: &str) -> u64 {
+    list.lines()
+        .filter_map(|line| line.split(' ').find_map(|field| field.strip_prefix("omem=")))
+        .filter_map(|v| v.parse().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Kills the node's subscriber connections and times how long until every user channel of
@@ -146,5 +227,15 @@ pub async fn resubscribe(args: &RunArgs, fleet: &Fleet) -> anyhow::Result<f64> {
             return Ok(started.elapsed().as_secs_f64());
         }
         anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "channels never came back");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn largest_omem_reads_every_client_line() {
+        let list = "id=3 addr=127.0.0.1:1 omem=0 cmd=ssubscribe\nid=4 addr=127.0.0.1:2 omem=16384 cmd=subscribe\n";
+        assert_eq!(super::largest_omem(list), 16384);
+        assert_eq!(super::largest_omem(""), 0);
     }
 }

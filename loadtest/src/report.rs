@@ -104,6 +104,8 @@ pub struct TrafficReport {
     pub node_cpu_seconds: f64,
     pub node_cpu_us_per_delivery: f64,
     pub deliveries_per_node_cpu_second: f64,
+    /// The largest output buffer Redis held for a node's subscriber connection (sampled).
+    pub subscriber_output_buffer_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -198,6 +200,11 @@ impl Report {
                 out,
                 "node CPU: {:.2} s, {:.2} µs per delivery, {:.0} deliveries per CPU-second",
                 t.node_cpu_seconds, t.node_cpu_us_per_delivery, t.deliveries_per_node_cpu_second
+            );
+            let _ = writeln!(
+                out,
+                "redis: largest subscriber output buffer {} bytes (CLIENT LIST omem, sampled every 100 ms)",
+                t.subscriber_output_buffer_max_bytes
             );
         }
         if let Some(c) = &self.churn {
