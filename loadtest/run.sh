@@ -71,10 +71,13 @@ rss_before=$(rss)
 pids+=($!)
 
 per=$(( connections / generators ))
+run_octet=$(( RANDOM % 250 + 1 ))
 gen_pids=()
 for ((g = 0; g < generators; g++)); do
-  # Four source addresses per generator: 127.0.0.(2+4g) .. (5+4g).
-  sources=$(for ((s = 0; s < 4; s++)); do printf '127.0.0.%d,' $((2 + 4 * g + s)); done); sources=${sources%,}
+  # Four source addresses per generator, 127.<run>.<g>.2-5, with <run> new for every run: the
+  # previous run's ~19,000 client sockets sit in TIME_WAIT for 60 s on its addresses, and
+  # reusing them made back-to-back connects take 15-25 s instead of 2-3 s.
+  sources=$(for ((s = 0; s < 4; s++)); do printf '127.%d.%d.%d,' "$run_octet" "$g" $((2 + s)); done); sources=${sources%,}
   "$bin/pushnode-loadtest" run --scenario "$scenario" "${urls[@]}" --connections "$per" \
     --user-offset $((g * per)) --sources "$sources" --jwt-secret "$secret" \
     --redis-url "redis://127.0.0.1:$redis_port" "${node_pid_args[@]}" --total-connections "$connections" \

@@ -23,7 +23,6 @@ async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
 pub async fn run(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<TrafficReport> {
     let stats = fleet.stats();
     let buffers = OutputBuffers::watch(connect(&args.redis_url).await?);
-    stats.measure_from_us.store(now_us() + args.warmup.as_micros() as u64, Ordering::Release);
     let published = tokio::task::spawn_blocking({
         let (args, fleet, nodes) = (args.clone(), fleet.clone(), nodes.clone());
         move || publish(&args, &fleet, &nodes)
@@ -97,6 +96,8 @@ fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<P
     let stats = fleet.stats();
     let start = Instant::now();
     let measure_from = start + args.warmup;
+    // Receivers count what was stamped from here on; `expected` counts from the same moment.
+    stats.measure_from_us.store(now_us() + args.warmup.as_micros() as u64, Ordering::Release);
     let end = measure_from + args.duration;
     let (mut seq, mut expected) = (0u64, 0u64);
     let mut cpu_start = None;
