@@ -78,3 +78,30 @@ async fn delivery_survives_the_restart_of_the_master_holding_the_users_slot() {
     eventually("channel not resubscribed on the restarted master", || cluster.shard_numsub(channel) == 1).await;
     eprintln!("delivery resumed {:?} after the master restart", restarted.elapsed());
 }
+
+/// Every shard carries one of the node's probe channels, so a shard whose connection stays
+/// open but delivers nothing (DEBUG SLEEP) fails readiness, and the node recovers after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_shard_fails_readiness_until_it_delivers_again() {
+    let cluster = RedisCluster::start();
+    let node = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
+    node.wait_ready(200).await;
+    for m in &cluster.masters {
+        let probes = m.cli(&["PUBSUB", "SHARDCHANNELS", "pushnode:probe:*"]).unwrap();
+        assert_eq!(probes.lines().filter(|l| !l.trim().is_empty()).count(), 1, "one probe per shard, got {probes:?}");
+    }
+
+    for (i, master) in cluster.masters.iter().enumerate() {
+        // Longer than broker.probe_timeout (1 s), shorter than the cluster's node timeout (2 s).
+        let mut sleeper = master.stall(1.8);
+        node.wait_ready(503).await;
+        sleeper.wait().unwrap();
+        node.wait_ready(200).await;
+        eprintln!("shard {i}: readiness failed while it slept and came back");
+    }
+
+    let mut client = node.connect("42").await;
+    let (status, body) = node.publish(json!({ "user": "42", "data": "after" })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client.next_json().await["data"], "after");
+}

@@ -9,17 +9,17 @@
 //!   and is UNSUBSCRIBEd only if nobody came back (reconnect churn costs no commands);
 //! - after a lost connection it reconnects with jittered exponential backoff and
 //!   resubscribes every wanted channel in batches;
-//! - every `broker.probe_interval` it publishes a probe on its own probe channel through the
-//!   publisher connection; a subscriber that has not seen a probe for `broker.probe_timeout`
-//!   is treated as dead (connected but no longer receiving) and reconnected, and readiness
-//!   fails meanwhile.
+//! - every `broker.probe_interval` it publishes a probe on each of its probe channels (one, or
+//!   one per shard in cluster mode; see [`probe`]) through the publisher connection; a
+//!   subscriber that has not seen every probe for `broker.probe_timeout` is treated as dead
+//!   (connected but no longer receiving) and reconnected, and readiness fails meanwhile.
 //!
 //! Incoming messages are handed to [`Hub::deliver`] inside the connection's push callback: no
 //! channel and no task per message. Publishing uses a separate connection and fails fast
 //! (`broker.connect_timeout`, `broker.command_timeout`) while Redis is unreachable.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -32,8 +32,10 @@ use tokio::time::{sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+mod probe;
 mod subscription;
 
+use self::probe::Probes;
 use self::subscription::{Backoff, Outcome, Subscription};
 use super::BrokerError;
 use crate::hub::Hub;
@@ -85,9 +87,7 @@ struct Inner {
 #[derive(Debug)]
 struct Shared {
     hub: Hub,
-    probe_channel: Arc<str>,
-    /// Microseconds since the epoch when this node last received its own probe.
-    last_probe_us: AtomicU64,
+    probes: Probes,
     /// Subscriber connected and every wanted channel confirmed.
     synced: AtomicBool,
     /// The subscriber connection (or, in cluster mode, one of its shard connections) dropped.
@@ -118,12 +118,9 @@ impl RedisBroker {
                 Target::Single(client)
             }
         };
-        // Braces make the probe channel a hash tag in cluster mode; harmless elsewhere.
-        let probe_channel: Arc<str> = format!("pushnode:probe:{{{}}}", hub.node_id()).into();
         let shared = Arc::new(Shared {
             hub: hub.clone(),
-            probe_channel,
-            last_probe_us: AtomicU64::new(0),
+            probes: Probes::new(hub.node_id()),
             synced: AtomicBool::new(false),
             disconnected: Notify::new(),
         });
@@ -139,10 +136,11 @@ impl RedisBroker {
         })
     }
 
-    /// Connected, subscribed to every wanted channel, and the probe came back recently.
+    /// Connected, subscribed to every wanted channel, and every probe (one per shard in
+    /// cluster mode) came back recently.
     pub fn is_ready(&self) -> bool {
         let shared = &self.inner.shared;
-        let fresh = now_micros().saturating_sub(shared.last_probe_us.load(Ordering::Acquire))
+        let fresh = now_micros().saturating_sub(shared.probes.oldest_us())
             < self.inner.settings.probe_timeout.as_micros() as u64;
         shared.synced.load(Ordering::Acquire) && fresh
     }
@@ -299,11 +297,7 @@ impl Shared {
                 if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next())
                 {
                     let Ok(channel) = std::str::from_utf8(&channel) else { return Ok(()) };
-                    if channel == &*self.probe_channel {
-                        let now = now_micros();
-                        self.last_probe_us.store(now, Ordering::Release);
-                        metrics::gauge!(m::BROKER_PROBE_LAST_SUCCESS).set(now as f64 / 1e6);
-                    } else {
+                    if !self.probes.came_back(channel) {
                         self.hub.deliver(channel, &Bytes::from(payload));
                     }
                 }

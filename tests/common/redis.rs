@@ -52,6 +52,8 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            // DEBUG SLEEP stalls a server with its connections open (tests of the probe).
+            .args(["--enable-debug-command", "local"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if self.cluster {
@@ -77,6 +79,17 @@ impl RedisServer {
     }
 
     /// Kills the server (SIGKILL: as abrupt as a crash).
+    /// Freezes the server for `seconds` (DEBUG SLEEP, in the background): its connections stay
+    /// open but nothing is read, answered or delivered.
+    pub fn stall(&self, seconds: f64) -> Child {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "DEBUG", "SLEEP", &seconds.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli")
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -18,6 +18,9 @@ use super::{Conn, RedisBroker};
 use crate::metrics as m;
 use crate::protocol::now_micros;
 
+/// In cluster mode the probes follow the slots every this many probe intervals.
+const PROBE_REFRESH: u32 = 10;
+
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Outcome {
     Stopped,
@@ -46,11 +49,13 @@ impl<'a> Subscription<'a> {
         let settings = &inner.settings;
         let shared = inner.shared.clone();
 
-        // Full sync: every channel the hub wants, plus the probe channel.
+        // Full sync: every channel the hub wants, plus the probe channels.
         let started = Instant::now();
+        let Some(probes) = self.probe_channels().await else { return Outcome::Lost };
+        shared.probes.reset(&probes);
         inner.hub.take_interest_changes();
         self.pending.extend(inner.hub.wanted_channels());
-        self.pending.insert(shared.probe_channel.clone());
+        self.pending.extend(probes);
         if !self.flush_pending().await {
             return Outcome::Lost;
         }
@@ -66,6 +71,7 @@ impl<'a> Subscription<'a> {
         let mut housekeeping = interval((settings.unsubscribe_delay / 2).max(Duration::from_millis(10)));
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut retry_at: Option<Instant> = None;
+        let mut probes_sent = 0u32;
 
         loop {
             shared.synced.store(self.pending.is_empty(), Ordering::Release);
@@ -96,11 +102,18 @@ impl<'a> Subscription<'a> {
                     }
                 }
                 _ = probe.tick() => {
+                    probes_sent = probes_sent.wrapping_add(1);
+                    if self.is_cluster() && probes_sent.is_multiple_of(PROBE_REFRESH) {
+                        self.refresh_probes().await;
+                    }
+                    // Concurrently: a stalled shard must not hold up the others' probes.
                     let payload = Bytes::from(now_micros().to_string());
-                    if let Err(e) = self.broker.publish(&shared.probe_channel, payload).await {
+                    let channels = shared.probes.channels();
+                    let sent = join_all(channels.iter().map(|c| self.broker.publish(c, payload.clone()))).await;
+                    if let Some(Err(e)) = sent.into_iter().find(Result::is_err) {
                         debug!(error = %e, "probe publish failed");
                     }
-                    let silent_us = now_micros().saturating_sub(shared.last_probe_us.load(Ordering::Acquire));
+                    let silent_us = now_micros().saturating_sub(shared.probes.oldest_us());
                     if connected_at.elapsed() > settings.probe_timeout
                         && silent_us > settings.probe_timeout.as_micros() as u64
                     {
@@ -110,6 +123,35 @@ impl<'a> Subscription<'a> {
                 }
             }
         }
+    }
+
+    /// This subscription's probe channels: one, or one per shard from `CLUSTER SLOTS`.
+    /// `None` if the cluster's slots cannot be read.
+    async fn probe_channels(&self) -> Option<Vec<Arc<str>>> {
+        let probes = &self.broker.inner.shared.probes;
+        if !self.is_cluster() {
+            return Some(vec![probes.single()]);
+        }
+        match self.broker.query(redis::cmd("CLUSTER").arg("SLOTS")).await {
+            Ok(slots) => Some(probes.per_shard(&slots)).filter(|channels| !channels.is_empty()),
+            Err(e) => {
+                warn!(error = %e, "cannot read the cluster's slots for the probes");
+                None
+            }
+        }
+    }
+
+    /// Follows the cluster's slots: subscribes the probe of a new shard, drops a gone one's.
+    async fn refresh_probes(&mut self) {
+        let Some(channels) = self.probe_channels().await else { return };
+        let (added, removed) = self.broker.inner.shared.probes.replace(&channels);
+        if !added.is_empty() || !removed.is_empty() {
+            debug!(added = added.len(), removed = removed.len(), "cluster slots moved; probes follow");
+        }
+        self.pending.extend(added);
+        let now = Instant::now();
+        self.lingering.extend(removed.into_iter().map(|c| (c, now)));
+        self.flush_pending().await;
     }
 
     fn is_cluster(&self) -> bool {
@@ -146,8 +188,8 @@ impl<'a> Subscription<'a> {
             return true;
         }
         let hub = &self.broker.inner.hub;
-        let probe = &self.broker.inner.shared.probe_channel;
-        let channels: Vec<Arc<str>> = self.pending.drain().filter(|c| c == probe || hub.is_wanted(c)).collect();
+        let probes = &self.broker.inner.shared.probes;
+        let channels: Vec<Arc<str>> = self.pending.drain().filter(|c| probes.contains(c) || hub.is_wanted(c)).collect();
         let mut ok = true;
         for batch in channels.chunks(self.broker.inner.settings.subscribe_batch) {
             let failed = self.command(Command::Subscribe, batch).await;
@@ -172,7 +214,7 @@ impl<'a> Subscription<'a> {
         let mut expired = Vec::with_capacity(due.len());
         for channel in due {
             self.lingering.remove(&channel);
-            if !hub.is_wanted(&channel) {
+            if !hub.is_wanted(&channel) && !self.broker.inner.shared.probes.contains(&channel) {
                 expired.push(channel);
             }
         }
