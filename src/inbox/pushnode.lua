@@ -136,9 +136,17 @@ local function list(keys, args)
   if after ~= '' and not parse_id(after) then return redis.error_reply('bad id') end
   local out = {}
   if unread_only then
-    local ids = redis.call('ZRANGE', unread, 0, -1)
-    table.sort(ids, before)
-    for _, id in ipairs(ids) do
+    -- Scores are the ids' milliseconds: start at `after`'s, and parse every id once (not
+    -- in each comparison) to order ties within one millisecond by sequence.
+    local from = after == '' and '-inf' or string.format('%.0f', (parse_id(after)))
+    local keyed = {}
+    for _, id in ipairs(redis.call('ZRANGE', unread, from, '+inf', 'BYSCORE')) do
+      local ms, seq = parse_id(id)
+      table.insert(keyed, { ms, seq, id })
+    end
+    table.sort(keyed, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
+    for _, k in ipairs(keyed) do
+      local id = k[3]
       if #out >= limit then break end
       if after == '' or before(after, id) then
         local entry = redis.call('XRANGE', stream, id, id)
