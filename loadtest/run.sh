@@ -6,6 +6,7 @@
 #   loadtest/run.sh SCENARIO CONNECTIONS [generator options...]
 #   NODES=3 GENERATORS=3 loadtest/run.sh idle 50000 --duration 10m
 #   loadtest/run.sh unicast 19000 --rate 50000 --duration 20s
+#   loadtest/run.sh unicast 19000 --rate 5000 --publish-via api   # through POST /api/publish
 #   loadtest/run.sh floor
 #
 # Scenarios: idle unicast broadcast storm churn slow resubscribe (see pushnode-loadtest --help).
@@ -19,6 +20,7 @@ shift $(( $# >= 2 ? 2 : 1 ))
 nodes=${NODES:-1}
 generators=${GENERATORS:-1}
 secret=${SECRET:-loadtest-secret-loadtest-secret-0123}
+api_key=loadtest-api-key-0123456789
 
 cargo build --release --quiet -p pushnode -p pushnode-loadtest
 bin=target/release
@@ -50,7 +52,7 @@ for ((i = 0; i < nodes; i++)); do
   PUSHNODE__SERVER__INTERNAL_ADDR=127.0.0.1:$internal \
   PUSHNODE__SERVER__NODE_ID=node$i \
   PUSHNODE__AUTH__JWT_SECRET=$secret \
-  PUSHNODE__AUTH__API_KEYS=loadtest-api-key-0123456789 \
+  PUSHNODE__AUTH__API_KEYS=$api_key \
   PUSHNODE__DEMO__ENABLED=false \
   PUSHNODE__BROKER__KIND=redis \
   PUSHNODE__BROKER__REDIS_URL=redis://127.0.0.1:$redis_port \
@@ -59,7 +61,7 @@ for ((i = 0; i < nodes; i++)); do
   TOKIO_WORKER_THREADS=${NODE_WORKERS:-2} \
     "$bin/pushnode" serve >"$out/node$i.log" 2>&1 &
   pids+=($!); node_pids+=($!)
-  urls+=(--url "ws://127.0.0.1:$public/ws")
+  urls+=(--url "ws://127.0.0.1:$public/ws" --api-url "http://127.0.0.1:$internal")
   until curl -sf "http://127.0.0.1:$internal/readyz" >/dev/null; do sleep 0.05; done
 done
 node_pid_args=(); for p in "${node_pids[@]}"; do node_pid_args+=(--node-pid "$p"); done
@@ -79,7 +81,7 @@ for ((g = 0; g < generators; g++)); do
   # reusing them made back-to-back connects take 15-25 s instead of 2-3 s.
   sources=$(for ((s = 0; s < 4; s++)); do printf '127.%d.%d.%d,' "$run_octet" "$g" $((2 + s)); done); sources=${sources%,}
   "$bin/pushnode-loadtest" run --scenario "$scenario" "${urls[@]}" --connections "$per" \
-    --user-offset $((g * per)) --sources "$sources" --jwt-secret "$secret" \
+    --user-offset $((g * per)) --sources "$sources" --jwt-secret "$secret" --api-key "$api_key" \
     --redis-url "redis://127.0.0.1:$redis_port" "${node_pid_args[@]}" --total-connections "$connections" \
     --json "$out/generator$g.json" "$@" >"$out/generator$g.txt" 2>&1 &
   gen_pids+=($!)

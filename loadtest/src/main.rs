@@ -10,6 +10,7 @@ mod clients;
 mod floor;
 mod publish;
 mod report;
+mod sink;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -52,6 +53,15 @@ pub enum Scenario {
     Resubscribe,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishVia {
+    /// Pipelined PUBLISH into Redis.
+    Redis,
+    /// POST /api/publish on the nodes (round-robin).
+    Api,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     #[arg(long, value_enum)]
@@ -79,6 +89,15 @@ pub struct RunArgs {
     pub user_channel: String,
     #[arg(long, default_value = "pushnode:topic:{topic}")]
     pub topic_channel: String,
+    /// Publish straight into Redis, or through the nodes' HTTP API.
+    #[arg(long, value_enum, default_value_t = PublishVia::Redis)]
+    pub publish_via: PublishVia,
+    /// Internal (API) base URL of a node, e.g. http://127.0.0.1:9502; repeat for several nodes.
+    #[arg(long = "api-url")]
+    pub api_urls: Vec<String>,
+    /// API key for --publish-via api.
+    #[arg(long, env = "PUSHNODE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Messages per second to publish (0: as fast as the pipeline allows).
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,

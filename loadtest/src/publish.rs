@@ -9,6 +9,7 @@ use redis::aio::MultiplexedConnection;
 
 use crate::clients::{Fleet, now_us};
 use crate::report::{Latency, NodeProbe, TrafficReport};
+use crate::sink::{Message, Sink};
 use crate::{RunArgs, Scenario};
 
 /// Messages per pipeline when publishing as fast as possible.
@@ -47,6 +48,7 @@ pub async fn run(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Re
     let node_cpu = published.node_cpu_seconds;
     Ok(TrafficReport {
         published: published.messages,
+        publish_refused: published.failures,
         expected_deliveries: published.expected,
         delivered: received,
         delivered_per_second: received_at_end.min(received) as f64 / seconds,
@@ -64,21 +66,20 @@ pub async fn run(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Re
 /// What the publishing thread did.
 struct Published {
     messages: u64,
-    /// Deliveries the measured window should produce (messages × receivers).
+    /// Deliveries the measured window should produce (accepted messages × receivers).
     expected: u64,
+    /// Messages of the measured window the API refused.
+    failures: u64,
     /// The nodes' CPU time over the measured window.
     node_cpu_seconds: f64,
 }
 
-/// The publishing loop, on its own thread with a blocking connection: a paced rate goes out
-/// as one pipeline every `--publish-tick` (sleeping to a deadline, which the async timer's
+/// The publishing loop, on its own thread: a paced rate goes out as one batch (a Redis
+/// pipeline, or concurrent API requests) every `--publish-tick` (sleeping to a deadline, which the async timer's
 /// millisecond granularity cannot do), so messages arrive spread out as they would from many
 /// application servers rather than in large bursts.
 fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<Published> {
-    let mut conn = redis::Client::open(args.redis_url.as_str())
-        .context("redis url")?
-        .get_connection()
-        .context("connecting to Redis")?;
+    let mut sink = Sink::open(args)?;
     let broadcast = args.scenario == Scenario::Broadcast;
     let topic = args.topic_channel.replace("{topic}", "all");
     let channels: Vec<String> =
@@ -99,7 +100,7 @@ fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<P
     // Receivers count what was stamped from here on; `expected` counts from the same moment.
     stats.measure_from_us.store(now_us() + args.warmup.as_micros() as u64, Ordering::Release);
     let end = measure_from + args.duration;
-    let (mut seq, mut expected) = (0u64, 0u64);
+    let (mut seq, mut expected, mut failures) = (0u64, 0u64, 0u64);
     let mut cpu_start = None;
     let mut next = 0usize;
     let tick = args.publish_tick.max(Duration::from_micros(50));
@@ -127,34 +128,44 @@ fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<P
             continue;
         }
         let measuring = Instant::now() >= measure_from;
-        let mut pipe = redis::pipe();
+        let mut messages = Vec::with_capacity(batch + 1);
         for _ in 0..batch {
             seq += 1;
             let t = now_us();
             let (channel, u) = if broadcast {
-                (topic.as_str(), u64::MAX)
+                (topic.as_str(), None)
             } else {
                 let i = targets[next % targets.len()];
                 next += 1;
                 // The slow scenario also keeps writing to the stalled clients.
                 if !stalled.is_empty() && next.is_multiple_of(100) {
                     let s = stalled[(next / 100) % stalled.len()];
-                    let payload = format!(r#"{{"s":{seq},"t":{t},"u":{}}}"#, fleet.user_index(s));
-                    pipe.cmd("PUBLISH").arg(&channels[s]).arg(payload).ignore();
+                    let u = fleet.user_index(s);
+                    let payload = format!(r#"{{"s":{seq},"t":{t},"u":{u}}}"#);
+                    messages.push(Message {
+                        channel: &channels[s],
+                        user: Some(format!("lt{u}")),
+                        payload,
+                        counted: false,
+                    });
                 }
-                (channels[i].as_str(), fleet.user_index(i) as u64)
+                (channels[i].as_str(), Some(fleet.user_index(i)))
             };
-            pipe.cmd("PUBLISH").arg(channel).arg(format!(r#"{{"s":{seq},"t":{t},"u":{u}}}"#)).ignore();
-            if measuring {
-                expected += receivers;
-            }
+            let payload = format!(r#"{{"s":{seq},"t":{t},"u":{}}}"#, u.map_or(u64::MAX, |u| u as u64));
+            messages.push(Message { channel, user: u.map(|u| format!("lt{u}")), payload, counted: true });
         }
-        pipe.query::<()>(&mut conn).context("PUBLISH pipeline")?;
+        let refused = sink.send(&messages)?;
+        if measuring {
+            let published = messages.iter().filter(|m| m.counted).count() as u64;
+            expected += (published - refused) * receivers;
+            failures += refused;
+        }
     }
     let cpu_end = nodes.sample();
     Ok(Published {
         messages: seq,
         expected,
+        failures,
         node_cpu_seconds: cpu_start.map(|s| cpu_end.cpu_seconds - s.cpu_seconds).unwrap_or(0.0),
     })
 }

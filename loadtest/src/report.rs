@@ -93,6 +93,8 @@ pub struct ChurnReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct TrafficReport {
     pub published: u64,
+    /// Measured-window messages the API refused (never counted as expected).
+    pub publish_refused: u64,
     /// Deliveries expected in the measured window (messages × receivers).
     pub expected_deliveries: u64,
     pub delivered: u64,
@@ -115,6 +117,7 @@ pub struct Report {
     pub sources: usize,
     pub nodes: usize,
     pub rate: u64,
+    pub publish_via: crate::PublishVia,
     pub duration_seconds: f64,
     pub connect: Option<ConnectReport>,
     pub node_before: NodeSample,
@@ -136,6 +139,7 @@ impl Report {
             sources: args.sources.len(),
             nodes: args.urls.len(),
             rate: args.rate,
+            publish_via: args.publish_via,
             duration_seconds: args.duration.as_secs_f64(),
             connect: None,
             node_before: NodeSample::default(),
@@ -161,8 +165,8 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "scenario {:?}: {} connections over {} sources, {} node(s)",
-            self.scenario, self.connections, self.sources, self.nodes
+            "scenario {:?}: {} connections over {} sources, {} node(s), publishing via {:?}",
+            self.scenario, self.connections, self.sources, self.nodes, self.publish_via
         );
         if let Some(c) = &self.connect {
             let _ = writeln!(
@@ -182,8 +186,9 @@ impl Report {
             let l = &t.latency_us;
             let _ = writeln!(
                 out,
-                "traffic: {} published, {} of {} expected delivered ({:.0}/s), lost {}, duplicates {}, misrouted {}",
+                "traffic: {} published ({} refused), {} of {} expected delivered ({:.0}/s), lost {}, duplicates {}, misrouted {}",
                 t.published,
+                t.publish_refused,
                 t.delivered,
                 t.expected_deliveries,
                 t.delivered_per_second,
