@@ -200,7 +200,10 @@ fn describe() {
         "Time to subscribe every wanted channel after a (re)connect"
     );
     describe_counter!(BROKER_RECONNECTS, "Subscriber reconnects after a lost, failed or silent connection");
-    describe_gauge!(BROKER_PROBE_LAST_SUCCESS, "Unix time when this node last received its own probe through Redis");
+    describe_gauge!(
+        BROKER_PROBE_LAST_SUCCESS,
+        "Unix time when the least recently heard of this node's probes (one per shard in cluster mode) last came back"
+    );
     describe_counter!(INBOX_APPENDED, "Notifications persisted to inboxes through this node");
     describe_counter!(INBOX_DUPLICATES, "Persisted publishes skipped because their idempotency key was seen");
     describe_counter!(INBOX_REPLAYED, "Inbox notifications replayed to sessions (connect, resume, broker gap)");
