@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{API_KEY, Client, TestNode, on_redis};
+use common::{API_KEY, Client, TestNode, eventually, on_redis};
 use serde_json::{Value, json};
 
 async fn persist(node: &TestNode, user: &str, data: Value) -> String {
@@ -394,4 +394,23 @@ async fn the_rest_api_pages_and_refuses_bad_input() {
     assert_eq!(client.next_json().await["code"], "bad_id");
     client.send_json(json!({ "type": "read" })).await;
     assert_eq!(client.next_json().await["code"], "bad_frame");
+}
+
+/// Raw sessions get the live payloads and nothing else: no replay of stored notifications,
+/// also after the broker's subscription generation moved on (on Redis every subscribe bumps
+/// it, which a raw session once took for a gap to replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_sessions_get_live_payloads_and_never_a_replay() {
+    let redis = RedisServer::start();
+    let node = TestNode::on(&redis).await;
+    persist(&node, "r1", json!("stored-1")).await;
+    persist(&node, "r1", json!("stored-2")).await;
+    let url = node.ws_url(&format!("token={}&format=raw", node.token("r1")));
+    let mut client = Client::connect(&url).await.unwrap();
+    eventually("raw session never subscribed", || redis.numsub("pushnode:user:r1") == 1).await;
+    for n in 1..=3 {
+        persist(&node, "r1", json!(format!("live-{n}"))).await;
+        assert_eq!(client.next_text().await, format!("\"live-{n}\""));
+    }
+    client.expect_silence(Duration::from_millis(300)).await;
 }

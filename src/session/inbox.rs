@@ -17,6 +17,12 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// Whether this session replays from the inbox and tracks broker gaps: JSON sessions on a
+    /// node with an inbox. Raw sessions get live payloads only, never stored frames.
+    pub(super) fn resumes(&self) -> bool {
+        self.ctx.inbox.is_some() && self.subscriber.format == Format::Json
+    }
+
     /// Sends the welcome and, with an inbox, replays what the client has not seen: the unread
     /// notifications, or everything after its `last_id`.
     pub(super) async fn welcome(&mut self) -> Result<(), CloseReason> {
@@ -79,7 +85,7 @@ where
     }
 
     pub(super) fn on_generation(&mut self, generation: u64) {
-        if self.ctx.inbox.is_none() || self.subscriber.format != Format::Json {
+        if !self.resumes() {
             return;
         }
         let before = self.resume.pending_gap();

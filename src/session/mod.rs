@@ -205,7 +205,7 @@ where
             }
 
             // The hub wakes every session when the broker's subscription generation changes.
-            if self.ctx.inbox.is_some() {
+            if self.resumes() {
                 self.on_generation(self.ctx.hub.generation());
             }
             // The resync timer only exists while a gap is pending (boxed: most sessions never
@@ -319,7 +319,7 @@ where
     /// replayed from the inbox first, so the client sees persisted ids in order and its
     /// `last_id` is always safe to resume from.
     async fn write_batch(&mut self) -> Result<(), CloseReason> {
-        if self.ctx.inbox.is_some() {
+        if self.resumes() {
             if let Some(newest) = self.batch.iter().map(|o| o.generation).max() {
                 self.on_generation(newest);
             }
