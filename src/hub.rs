@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -195,7 +195,7 @@ impl Hub {
         self.inner.users.get(user).map_or(0, |n| *n)
     }
 
-    /// Every live session, for a paced drain and the heartbeat sweep.
+    /// Every live session, for a paced drain.
     pub fn sessions(&self) -> Vec<Arc<Subscriber>> {
         self.inner.sessions.iter().map(|e| e.value().clone()).collect()
     }
@@ -273,20 +273,26 @@ impl Hub {
         }
     }
 
-    /// One heartbeat step over `sessions` (a slice of [`Hub::sessions`]): pings each, and
-    /// closes those not heard from within `timeout`. One node-wide sweep, spread over the
-    /// interval in steps, instead of a timer per connection (and instead of one burst of pings).
-    pub fn heartbeat(&self, sessions: &[Arc<Subscriber>], timeout: Duration) -> usize {
+    /// Every live session, weakly: a snapshot that does not keep departed sessions alive.
+    pub fn session_refs(&self) -> Vec<Weak<Subscriber>> {
+        self.inner.sessions.iter().map(|e| Arc::downgrade(e.value())).collect()
+    }
+
+    /// One heartbeat step over `sessions` (a slice of [`Hub::session_refs`]): pings each that
+    /// is still there, and closes those not heard from within `timeout`. One node-wide sweep,
+    /// spread over the interval in steps, instead of a timer per connection (and instead of
+    /// one burst of pings).
+    pub fn heartbeat(&self, sessions: &[Weak<Subscriber>], timeout: Duration) -> usize {
         let now = monotonic_ms();
         let timeout = timeout.as_millis() as u64;
         let mut closed = 0;
-        for session in sessions {
+        for session in sessions.iter().filter_map(Weak::upgrade) {
             if now.saturating_sub(session.last_heard.load(Ordering::Relaxed)) >= timeout {
                 session.outbox.close(crate::protocol::CloseReason::HeartbeatTimeout);
                 closed += 1;
             } else {
                 // A full outbox here means a slow consumer: the push closes it, as fan-out would.
-                // A session that left since the snapshot refuses the push (its outbox is closed).
+                // A session unregistering meanwhile refuses the push (its outbox is closed).
                 let _ = session.outbox.push(Outgoing {
                     frame: WireFrame::Ping,
                     published_us: 0,
@@ -481,17 +487,22 @@ mod tests {
     fn heartbeat_pings_the_heard_closes_the_silent_and_skips_the_departed() {
         let hub = Hub::new("n1", false);
         let (alive, silent, gone) = (subscriber(&hub, "a", 8), subscriber(&hub, "b", 8), subscriber(&hub, "c", 8));
-        for s in [&alive, &silent, &gone] {
+        let dropped = subscriber(&hub, "d", 8);
+        for s in [&alive, &silent, &gone, &dropped] {
             hub.register(s.clone(), 10).unwrap();
         }
-        let sessions = hub.sessions();
-        assert_eq!(sessions.len(), 3);
+        let sessions = hub.session_refs();
+        assert_eq!(sessions.len(), 4);
         std::thread::sleep(Duration::from_millis(5));
         alive.heard();
         gone.heard();
+        // Unregistered but still referenced elsewhere: its outbox refuses the ping.
         hub.unregister(&gone);
+        // Unregistered and gone (silent too): the snapshot did not keep it alive.
+        hub.unregister(&dropped);
+        drop(dropped);
 
-        assert_eq!(hub.heartbeat(&sessions, Duration::from_millis(2)), 1);
+        assert_eq!(hub.heartbeat(&sessions, Duration::from_millis(2)), 1, "only the silent live session closes");
         let mut batch = Vec::new();
         assert_eq!(alive.outbox.drain_into(&mut batch), None);
         assert_eq!(batch.iter().map(|o| &o.frame).collect::<Vec<_>>(), vec![&WireFrame::Ping]);

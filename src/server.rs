@@ -171,8 +171,8 @@ async fn drain(node: &Node) {
 const HEARTBEAT_TICK: Duration = Duration::from_millis(100);
 
 /// The node-wide heartbeat: every interval, ping every session and close the silent ones. The
-/// sessions are listed once per interval and walked through in steps (each step costs only its
-/// own sessions); a session that arrives meanwhile is first pinged in the next interval, which
+/// sessions are listed (weakly) once per interval and walked through in steps (each step costs
+/// only its own sessions); a session that arrives meanwhile is first pinged in the next interval, which
 /// its connect has just shown alive.
 async fn heartbeat(hub: Hub, interval: Duration, timeout: Duration, stop: CancellationToken) {
     let steps = (interval.as_millis() / HEARTBEAT_TICK.as_millis()).max(1) as usize;
@@ -185,7 +185,7 @@ async fn heartbeat(hub: Hub, interval: Duration, timeout: Duration, stop: Cancel
         tokio::select! {
             _ = tick.tick() => {
                 if step == 0 {
-                    sessions = hub.sessions();
+                    sessions = hub.session_refs();
                 }
                 let chunk = sessions.len().div_ceil(steps);
                 let from = (step * chunk).min(sessions.len());
