@@ -34,11 +34,27 @@ pub struct Subscriber {
     pub outbox: Outbox,
     /// When the client was last heard from ([`monotonic_ms`]); the heartbeat sweep reads it.
     pub last_heard: AtomicU64,
+    /// The broker lost this session's user channel alone (a cluster slot moved): messages may
+    /// be missing since. Set before the channel is subscribed again, taken by the session.
+    interrupted: AtomicBool,
 }
 
 impl Subscriber {
     pub fn new(id: SessionId, user: Arc<str>, format: Format, outbox: Outbox) -> Self {
-        Self { id, user, format, outbox, last_heard: AtomicU64::new(monotonic_ms()) }
+        Self {
+            id,
+            user,
+            format,
+            outbox,
+            last_heard: AtomicU64::new(monotonic_ms()),
+            interrupted: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the user channel was interrupted since the last call (see [`Hub::interrupt`]).
+    pub fn take_interrupted(&self) -> bool {
+        // A plain load first: this runs for every batch a session writes.
+        self.interrupted.load(Ordering::Acquire) && self.interrupted.swap(false, Ordering::AcqRel)
     }
 
     /// Records that a frame (any frame) arrived from the client.
@@ -252,6 +268,24 @@ impl Hub {
         self.bump_generation();
         for mut entry in self.inner.channels.iter_mut() {
             entry.live = false;
+        }
+    }
+
+    /// The broker lost the subscription of these channels only (a Redis Cluster slot moved to
+    /// another shard) and is about to subscribe them again. They are no longer live, and the
+    /// sessions of a user channel among them are told a gap may have opened, before any frame
+    /// of the new subscription can reach their outbox. Unlike [`Hub::mark_all_down`] this
+    /// starts no new generation: only these sessions replay from the inbox.
+    pub fn interrupt(&self, channels: &[Arc<str>]) {
+        for channel in channels {
+            let Some(mut entry) = self.inner.channels.get_mut(channel) else { continue };
+            entry.live = false;
+            if entry.topic.is_none() {
+                for session in &entry.sessions {
+                    session.interrupted.store(true, Ordering::Release);
+                    session.outbox.wake();
+                }
+            }
         }
     }
 
@@ -508,5 +542,24 @@ mod tests {
         assert_eq!(batch.iter().map(|o| &o.frame).collect::<Vec<_>>(), vec![&WireFrame::Ping]);
         assert_eq!(silent.outbox.closing(), Some(CloseReason::HeartbeatTimeout));
         assert_eq!(gone.outbox.len(), 0);
+    }
+
+    #[test]
+    fn an_interrupted_user_channel_flags_its_sessions_but_not_topic_listeners() {
+        let hub = Hub::new("n1", true);
+        let (user, other, listener) = (subscriber(&hub, "a", 8), subscriber(&hub, "b", 8), subscriber(&hub, "c", 8));
+        let (ua, ub, topic): (Arc<str>, Arc<str>, Arc<str>) = ("u:a".into(), "u:b".into(), "t:news".into());
+        hub.join(&ua, None, &user);
+        hub.join(&ub, None, &other);
+        hub.join(&topic, Some(&"news".into()), &listener);
+        hub.mark_live(&[ua.clone(), ub.clone(), topic.clone()]);
+        let generation = hub.generation();
+
+        hub.interrupt(&[ua.clone(), topic.clone()]);
+        assert!(!hub.is_live("u:a") && !hub.is_live("t:news") && hub.is_live("u:b"));
+        assert!(user.take_interrupted(), "the user's session must replay its gap");
+        assert!(!user.take_interrupted(), "taken once");
+        assert!(!other.take_interrupted() && !listener.take_interrupted());
+        assert_eq!(hub.generation(), generation, "no node-wide replay");
     }
 }

@@ -25,6 +25,7 @@ pub const BROKER_SUBSCRIPTIONS: &str = "pushnode_broker_subscriptions";
 pub const BROKER_COMMANDS: &str = "pushnode_broker_commands_total";
 pub const BROKER_RESUBSCRIBE_DURATION: &str = "pushnode_broker_resubscribe_duration_seconds";
 pub const BROKER_RECONNECTS: &str = "pushnode_broker_reconnects_total";
+pub const BROKER_CHANNELS_MOVED: &str = "pushnode_broker_channels_moved_total";
 pub const BROKER_PROBE_LAST_SUCCESS: &str = "pushnode_broker_probe_last_success_timestamp_seconds";
 pub const INBOX_APPENDED: &str = "pushnode_inbox_appended_total";
 pub const INBOX_DUPLICATES: &str = "pushnode_inbox_duplicates_total";
@@ -161,6 +162,7 @@ fn register_zeroes() {
         MESSAGES_FANNED_OUT,
         MESSAGES_DELIVERED,
         BROKER_RECONNECTS,
+        BROKER_CHANNELS_MOVED,
         INBOX_APPENDED,
         INBOX_DUPLICATES,
         INBOX_REPLAYED,
@@ -200,6 +202,10 @@ fn describe() {
         "Time to subscribe every wanted channel after a (re)connect"
     );
     describe_counter!(BROKER_RECONNECTS, "Subscriber reconnects after a lost, failed or silent connection");
+    describe_counter!(
+        BROKER_CHANNELS_MOVED,
+        "Sharded channels Redis Cluster unsubscribed because their slot moved to another shard, then subscribed again there"
+    );
     describe_gauge!(
         BROKER_PROBE_LAST_SUCCESS,
         "Unix time when the least recently heard of this node's probes (one per shard in cluster mode) last came back"

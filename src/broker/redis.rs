@@ -9,6 +9,9 @@
 //!   and is UNSUBSCRIBEd only if nobody came back (reconnect churn costs no commands);
 //! - after a lost connection it reconnects with jittered exponential backoff and
 //!   resubscribes every wanted channel in batches;
+//! - in cluster mode, a slot that moves to another shard takes its sharded subscriptions with
+//!   it (Redis sends SUNSUBSCRIBE on its own): those channels are subscribed again on the new
+//!   shard, and their sessions replay the gap from the inbox;
 //! - every `broker.probe_interval` it publishes a probe on each of its probe channels (one, or
 //!   one per shard in cluster mode; see [`probe`]) through the publisher connection; a
 //!   subscriber that has not seen every probe for `broker.probe_timeout` is treated as dead
@@ -92,6 +95,10 @@ struct Shared {
     synced: AtomicBool,
     /// The subscriber connection (or, in cluster mode, one of its shard connections) dropped.
     disconnected: Notify,
+    /// Wanted channels Redis unsubscribed on its own (their cluster slot moved); the
+    /// subscription takes them and subscribes them again. Bounded by the wanted channels.
+    moved: Mutex<Vec<Arc<str>>>,
+    moved_notify: Notify,
 }
 
 struct PublisherConn(Conn);
@@ -123,6 +130,8 @@ impl RedisBroker {
             probes: Probes::new(hub.node_id()),
             synced: AtomicBool::new(false),
             disconnected: Notify::new(),
+            moved: Mutex::new(Vec::new()),
+            moved_notify: Notify::new(),
         });
         Ok(Self {
             inner: Arc::new(Inner {
@@ -302,9 +311,25 @@ impl Shared {
                     }
                 }
             }
+            // Redis Cluster unsubscribes a slot's sharded channels when the slot moves to
+            // another shard. Our own SUNSUBSCRIBEs only confirm channels nobody wants.
+            PushKind::SUnsubscribe => {
+                if let Some(Value::BulkString(channel)) = info.data.first()
+                    && let Ok(channel) = std::str::from_utf8(channel)
+                    && (self.hub.is_wanted(channel) || self.probes.contains(channel))
+                {
+                    self.moved.lock().unwrap_or_else(|p| p.into_inner()).push(channel.into());
+                    self.moved_notify.notify_one();
+                }
+            }
             PushKind::Disconnection => self.disconnected.notify_one(),
             _ => {}
         }
         Ok(())
+    }
+
+    /// Takes the channels Redis unsubscribed on its own since the last call.
+    fn take_moved(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.moved.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }

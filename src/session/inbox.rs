@@ -54,7 +54,7 @@ where
         if self.ctx.inbox.is_some() && self.resync_at.is_none() {
             // Without last_id: the unread ones. With it: everything after it, read or not.
             let unread_only = self.last_id.is_none();
-            self.replay(self.last_id, unread_only).await?;
+            self.replay(self.last_id, unread_only, &[]).await?;
             if let Some(newest) = state.newest {
                 self.resume.advance(newest);
             }
@@ -62,34 +62,46 @@ where
         Ok(())
     }
 
-    /// Writes inbox notifications after `after` (up to the replay limit) and records them.
-    async fn replay(&mut self, after: Option<NoteId>, unread_only: bool) -> Result<(), CloseReason> {
+    /// Writes inbox notifications after `after` (up to the replay limit), except `written`
+    /// (already sent live), and records them.
+    async fn replay(
+        &mut self,
+        after: Option<NoteId>,
+        unread_only: bool,
+        written: &[NoteId],
+    ) -> Result<(), CloseReason> {
         let Some(inbox) = self.ctx.inbox.clone() else { return Ok(()) };
         let stored = match inbox.list(&self.identity.user, after, self.ctx.replay_limit, unread_only).await {
             Ok(stored) => stored,
             Err(e) => {
                 warn!(error = %e, "inbox replay failed; retrying");
                 self.resume.reopen_gap(after);
+                self.resume.still_written(written);
                 self.resync_at = Some(tokio::time::Instant::now() + RESYNC_SPREAD);
                 return Ok(());
             }
         };
-        metrics::counter!(m::INBOX_REPLAYED).increment(stored.len() as u64);
         let mut frames = Vec::with_capacity(stored.len());
-        for note in stored {
+        for note in stored.into_iter().filter(|note| !written.contains(&note.id)) {
             let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
             frames.push(Outgoing { frame, published_us: 0, persisted: None, generation: 0 });
             self.resume.advance(note.id);
         }
+        metrics::counter!(m::INBOX_REPLAYED).increment(frames.len() as u64);
         self.write_frames(&mut frames).await
     }
 
+    /// Opens a gap when the broker's generation moved past the session's, or when the session's
+    /// own channel was interrupted ([`crate::hub::Hub::interrupt`]).
     pub(super) fn on_generation(&mut self, generation: u64) {
         if !self.resumes() {
             return;
         }
         let before = self.resume.pending_gap();
         self.resume.on_generation(generation);
+        if self.subscriber.take_interrupted() {
+            self.resume.interrupt();
+        }
         if before.is_none() && self.resume.pending_gap().is_some() {
             self.resync_at = Some(resync_deadline());
         }
@@ -103,9 +115,9 @@ where
             self.resync_at = Some(tokio::time::Instant::now() + RESYNC_RECHECK);
             return Ok(());
         }
-        self.resume.gap_filled();
+        let written = self.resume.gap_filled();
         debug!(after = ?base, "replaying a broker gap");
-        self.replay(base, false).await
+        self.replay(base, false, &written).await
     }
 
     pub(super) async fn mark_read(

@@ -4,12 +4,18 @@
 //!
 //! Rules, which the tests hold it to:
 //! - a live persisted notification at or below `high` was already written (by a replay): skip;
-//! - a live frame from a newer generation, or a generation change, means the subscription was
-//!   lost in between: everything after `high` as it was then must be replayed from the inbox
-//!   once the channel is subscribed again;
-//! - a replay writes every id after its base, even below `high` (those are the gap).
+//! - a live frame from a newer generation, a generation change, or an interruption of the
+//!   session's own channel means the subscription was lost in between: everything after `high`
+//!   as it was then must be replayed from the inbox once the channel is subscribed again;
+//! - a replay writes every id after its base, even below `high` (those are the gap), except the
+//!   ones written live while the gap was pending (the new subscription can deliver before the
+//!   replay runs); past [`LIVE_DURING_GAP`] of those, duplicates are possible (ids tell).
 
 use crate::protocol::NoteId;
+
+/// Live persisted ids remembered while a gap is pending, so the replay skips them. A bound, not
+/// a target: a gap is normally replayed within a second, before many arrive.
+const LIVE_DURING_GAP: usize = 64;
 
 #[derive(Debug, Default)]
 pub(super) struct Resume {
@@ -19,11 +25,13 @@ pub(super) struct Resume {
     generation: u64,
     /// A gap to replay: everything after this id (`None` inside: from the oldest).
     gap: Option<Option<NoteId>>,
+    /// Persisted ids written live while the gap was pending (at most [`LIVE_DURING_GAP`]).
+    live_during_gap: Vec<NoteId>,
 }
 
 impl Resume {
     pub(super) fn new(generation: u64) -> Self {
-        Self { high: None, generation, gap: None }
+        Self { high: None, generation, gap: None, live_during_gap: Vec::new() }
     }
 
     /// Records that ids up to `id` were accounted for (written, or deliberately not: read).
@@ -35,8 +43,14 @@ impl Resume {
     pub(super) fn on_generation(&mut self, generation: u64) {
         if generation > self.generation {
             self.generation = generation;
-            self.gap.get_or_insert(self.high);
+            self.interrupt();
         }
+    }
+
+    /// The session's own channel was interrupted (its cluster slot moved): messages may have
+    /// been missed since `high`.
+    pub(super) fn interrupt(&mut self) {
+        self.gap.get_or_insert(self.high);
     }
 
     /// Whether a live frame should be written; updates the state for it.
@@ -47,6 +61,9 @@ impl Resume {
             Some(id) if self.high.is_some_and(|h| id <= h) => false,
             Some(id) => {
                 self.high = Some(id);
+                if self.gap.is_some() && self.live_during_gap.len() < LIVE_DURING_GAP {
+                    self.live_during_gap.push(id);
+                }
                 true
             }
         }
@@ -57,9 +74,17 @@ impl Resume {
         self.gap
     }
 
-    /// The gap was replayed.
-    pub(super) fn gap_filled(&mut self) {
+    /// The gap is being replayed: returns the ids already written live meanwhile, which the
+    /// replay skips.
+    pub(super) fn gap_filled(&mut self) -> Vec<NoteId> {
         self.gap = None;
+        std::mem::take(&mut self.live_during_gap)
+    }
+
+    /// A replay that was to skip `written` could not be done: they stay skipped for the retry.
+    pub(super) fn still_written(&mut self, written: &[NoteId]) {
+        let room = LIVE_DURING_GAP.saturating_sub(self.live_during_gap.len());
+        self.live_during_gap.extend(written.iter().take(room));
     }
 
     /// A replay after `base` could not be done (inbox unreachable); it stays pending.
@@ -110,5 +135,30 @@ mod tests {
         r.advance(id(9));
         r.on_generation(3);
         assert_eq!(r.pending_gap(), Some(Some(id(2))), "the first base is kept until filled");
+    }
+
+    #[test]
+    fn an_interruption_opens_a_gap_from_the_high_mark_without_a_new_generation() {
+        let mut r = Resume::new(4);
+        assert!(r.admit_live(Some(id(3)), 4));
+        r.interrupt();
+        assert_eq!(r.pending_gap(), Some(Some(id(3))));
+        assert!(r.admit_live(Some(id(7)), 4), "frames of the same generation still pass");
+        r.interrupt();
+        assert_eq!(r.pending_gap(), Some(Some(id(3))), "the first base is kept until filled");
+    }
+
+    #[test]
+    fn ids_written_live_while_a_gap_is_pending_are_not_replayed_again() {
+        let mut r = Resume::new(1);
+        assert!(r.admit_live(Some(id(2)), 1));
+        r.interrupt();
+        // The new subscription delivers 5 before the replay of the gap after 2 runs.
+        assert!(r.admit_live(Some(id(5)), 1));
+        assert_eq!(r.pending_gap(), Some(Some(id(2))));
+        assert_eq!(r.gap_filled(), vec![id(5)], "the replay must skip 5");
+        assert!(r.admit_live(Some(id(6)), 1));
+        r.interrupt();
+        assert_eq!(r.gap_filled(), Vec::<NoteId>::new(), "a new gap starts with nothing to skip");
     }
 }

@@ -136,6 +136,14 @@ impl Drop for RedisServer {
     }
 }
 
+/// A slot being moved between masters ([`RedisCluster::start_move`]).
+pub struct SlotMove {
+    slot: String,
+    pub from: u16,
+    pub to: u16,
+    to_id: String,
+}
+
 /// A 3-master Redis Cluster, no replicas.
 pub struct RedisCluster {
     pub masters: Vec<RedisServer>,
@@ -184,6 +192,46 @@ impl RedisCluster {
         }
         let port = port.expect("slot owner not found");
         self.masters.iter_mut().find(|m| m.port == port).unwrap()
+    }
+
+    pub fn by_port(&self, port: u16) -> &RedisServer {
+        self.masters.iter().find(|m| m.port == port).unwrap()
+    }
+
+    /// Starts moving `key`'s slot to another master, as `redis-cli --cluster reshard` does: the
+    /// target imports it, the source migrates its keys, the target takes ownership. The source
+    /// keeps serving the slot's subscribers until it learns of the move, by gossip or by
+    /// [`RedisCluster::finish_move`].
+    pub fn start_move(&mut self, key: &str) -> SlotMove {
+        let slot = self.masters[0].cli(&["CLUSTER", "KEYSLOT", key]).unwrap();
+        let from = self.master_for(key).port;
+        let to = self.masters.iter().map(|m| m.port).find(|p| *p != from).unwrap();
+        let (source, target) = (self.by_port(from), self.by_port(to));
+        let from_id = source.cli(&["CLUSTER", "MYID"]).unwrap();
+        let to_id = target.cli(&["CLUSTER", "MYID"]).unwrap();
+        target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]).unwrap();
+        source.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]).unwrap();
+        let port = to.to_string();
+        loop {
+            let keys = source.cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]).unwrap();
+            let keys: Vec<&str> = keys.lines().map(str::trim).filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            source.cli(&args).unwrap();
+        }
+        target.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]).unwrap();
+        SlotMove { slot, from, to, to_id }
+    }
+
+    /// Tells every other master the slot's new owner; the source drops the slot's sharded
+    /// subscriptions (each subscriber gets an SUNSUBSCRIBE push).
+    pub fn finish_move(&self, moved: &SlotMove) {
+        for master in self.masters.iter().filter(|m| m.port != moved.to) {
+            master.cli(&["CLUSTER", "SETSLOT", &moved.slot, "NODE", &moved.to_id]).unwrap();
+        }
     }
 
     /// Total subscribers of a sharded channel over all masters.

@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use redis::cluster_routing::Slot;
 use tokio::time::{Instant, MissedTickBehavior, interval, timeout};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Conn, RedisBroker};
 use crate::metrics as m;
@@ -49,8 +49,10 @@ impl<'a> Subscription<'a> {
         let settings = &inner.settings;
         let shared = inner.shared.clone();
 
-        // Full sync: every channel the hub wants, plus the probe channels.
+        // Full sync: every channel the hub wants, plus the probe channels (which also covers
+        // any channel a slot move took from the previous connection).
         let started = Instant::now();
+        shared.take_moved();
         let Some(probes) = self.probe_channels().await else { return Outcome::Lost };
         shared.probes.reset(&probes);
         inner.hub.take_interest_changes();
@@ -83,6 +85,11 @@ impl<'a> Subscription<'a> {
                     // start over with a fresh connection and a full resubscribe.
                     warn!("broker subscriber connection lost");
                     return Outcome::Lost;
+                }
+                () = shared.moved_notify.notified() => {
+                    // Failures stay pending and are retried by the housekeeping tick.
+                    self.on_moved();
+                    self.flush_pending().await;
                 }
                 () = inner.hub.interest_notified() => {
                     self.on_interest_changes();
@@ -152,6 +159,23 @@ impl<'a> Subscription<'a> {
         let now = Instant::now();
         self.lingering.extend(removed.into_iter().map(|c| (c, now)));
         self.flush_pending().await;
+    }
+
+    /// Channels Redis unsubscribed because their slot moved to another shard: their sessions
+    /// learn of the gap first, then the channels are subscribed again (the cluster client
+    /// routes them to the slot's new owner).
+    fn on_moved(&mut self) {
+        let moved = self.broker.inner.shared.take_moved();
+        if moved.is_empty() {
+            return;
+        }
+        info!(channels = moved.len(), "cluster slots moved; subscribing their channels on the new shards");
+        metrics::counter!(m::BROKER_CHANNELS_MOVED).increment(moved.len() as u64);
+        for channel in &moved {
+            self.subscribed.remove(channel);
+        }
+        self.broker.inner.hub.interrupt(&moved);
+        self.pending.extend(moved);
     }
 
     fn is_cluster(&self) -> bool {
