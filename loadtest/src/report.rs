@@ -182,6 +182,17 @@ impl Report {
                 self.node_before.rss_kib, self.node_connected.rss_kib, self.node_after.rss_kib, per
             );
         }
+        // The nodes' CPU over every generator's connections (like RSS per connection).
+        if let Some(connections) = self.connect.as_ref().map(|c| self.total_connections.unwrap_or(c.ok)).filter(|n| *n > 0)
+        {
+            let connecting = self.node_connected.cpu_seconds - self.node_before.cpu_seconds;
+            let _ = writeln!(
+                out,
+                "node CPU: {connecting:.2} s connecting ({:.0} µs per connection), {:.2} s from connected to the end",
+                connecting * 1e6 / connections as f64,
+                self.node_after.cpu_seconds - self.node_connected.cpu_seconds
+            );
+        }
         if let Some(t) = &self.traffic {
             let l = &t.latency_us;
             let _ = writeln!(
