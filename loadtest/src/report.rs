@@ -183,7 +183,8 @@ impl Report {
             );
         }
         // The nodes' CPU over every generator's connections (like RSS per connection).
-        if let Some(connections) = self.connect.as_ref().map(|c| self.total_connections.unwrap_or(c.ok)).filter(|n| *n > 0)
+        if let Some(connections) =
+            self.connect.as_ref().map(|c| self.total_connections.unwrap_or(c.ok)).filter(|n| *n > 0)
         {
             let connecting = self.node_connected.cpu_seconds - self.node_before.cpu_seconds;
             let _ = writeln!(
