@@ -154,3 +154,38 @@ async fn delivery_follows_a_users_slot_to_another_master() {
         "the move is counted"
     );
 }
+
+/// A shard that refuses SSUBSCRIBE (here by ACL) while its connection stays healthy: the user's
+/// channel is not marked live, and once the shard accepts the retried subscription the session
+/// replays what was published in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_retried_and_its_gap_replayed() {
+    let mut cluster = RedisCluster::start();
+    let node = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
+    node.wait_ready(200).await;
+    let channel = "pushnode:user:{42}";
+    let port = cluster.master_for(channel).port;
+    let master = cluster.by_port(port);
+    master.cli(&["ACL", "SETUSER", "default", "-ssubscribe"]).unwrap();
+
+    // The welcome comes after broker.subscribe_wait, without the subscription.
+    let mut client = node.connect("42").await;
+    assert_eq!(master.numsub(channel), 0);
+    let (status, body) = node.publish(json!({ "user": "42", "data": "meanwhile", "persist": true })).await;
+    assert_eq!(status, 200, "{body}");
+    client.expect_silence(Duration::from_millis(200)).await;
+
+    master.cli(&["ACL", "SETUSER", "default", "+ssubscribe"]).unwrap();
+    let replayed = client.next_json().await;
+    assert_eq!(
+        (replayed["data"].as_str(), replayed["replay"].as_bool()),
+        (Some("meanwhile"), Some(true)),
+        "{replayed}"
+    );
+    eventually("the retried subscription never arrived", || master.numsub(channel) == 1).await;
+    let (status, body) = node.publish(json!({ "user": "42", "data": "live", "persist": true })).await;
+    assert_eq!(status, 200, "{body}");
+    let live = client.next_json().await;
+    assert_eq!((live["data"].as_str(), live["unread"].as_u64()), (Some("live"), Some(2)), "{live}");
+    client.expect_silence(Duration::from_millis(300)).await;
+}

@@ -59,6 +59,12 @@ where
                 self.resume.advance(newest);
             }
         }
+        // The channel is not subscribed yet (Redis slow, down, or refusing the SUBSCRIBE):
+        // what is published until it is gets replayed once it is.
+        if self.resumes() && !self.ctx.hub.is_live(&self.user_channel) {
+            self.resume.interrupt();
+            self.resync_at.get_or_insert_with(resync_deadline);
+        }
         Ok(())
     }
 
@@ -112,7 +118,7 @@ where
         self.resync_at = None;
         let Some(base) = self.resume.pending_gap() else { return Ok(()) };
         if !self.ctx.hub.is_live(&self.user_channel) {
-            self.resync_at = Some(tokio::time::Instant::now() + RESYNC_RECHECK);
+            self.resync_at = Some(resync_deadline() + RESYNC_RECHECK);
             return Ok(());
         }
         let written = self.resume.gap_filled();

@@ -49,8 +49,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a broker gap, sessions replay at a random moment within this window, so that a node
 /// with many sessions does not query the inbox for all of them at once.
 const RESYNC_SPREAD: Duration = Duration::from_millis(500);
-/// While a gap waits for the channel to be subscribed again, check this often.
-const RESYNC_RECHECK: Duration = Duration::from_millis(100);
+/// While a gap waits for the channel to be subscribed again, check this often (plus up to
+/// [`RESYNC_SPREAD`]). Every waiting session has this timer: during a Redis outage that is
+/// every JSON session of the node, so it is not short. Live frames arriving once the channel
+/// is back trigger the replay at once anyway.
+const RESYNC_RECHECK: Duration = Duration::from_millis(500);
 
 /// What every session of a node shares: settings, the hub, channel naming, metric handles.
 #[derive(Debug)]

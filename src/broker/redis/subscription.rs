@@ -205,8 +205,8 @@ impl<'a> Subscription<'a> {
         hub.mark_live(&live);
     }
 
-    /// Subscribes every pending channel in batches. False if a command failed (the failed
-    /// channels stay pending).
+    /// Subscribes every pending channel in batches and marks the confirmed ones live. False if
+    /// a command failed (the failed channels stay pending, and not live).
     async fn flush_pending(&mut self) -> bool {
         if self.pending.is_empty() {
             return true;
@@ -218,12 +218,9 @@ impl<'a> Subscription<'a> {
         for batch in channels.chunks(self.broker.inner.settings.subscribe_batch) {
             let failed = self.command(Command::Subscribe, batch).await;
             ok &= failed.is_empty();
-            for channel in batch {
-                if !failed.contains(channel) {
-                    self.subscribed.insert(channel.clone());
-                }
-            }
-            hub.mark_live(batch);
+            let confirmed: Vec<Arc<str>> = batch.iter().filter(|c| !failed.contains(c)).cloned().collect();
+            self.subscribed.extend(confirmed.iter().cloned());
+            hub.mark_live(&confirmed);
             self.pending.extend(failed);
         }
         metrics::gauge!(m::BROKER_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
