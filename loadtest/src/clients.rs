@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::report::{ChurnReport, ConnectReport, Latency};
-use crate::{RunArgs, Scenario};
+use crate::{Format, RunArgs, Scenario};
 
 /// The stamp every published message carries: sequence, send time (µs since the epoch) and
 /// the target user's index (`u64::MAX` for broadcasts).
@@ -25,6 +25,12 @@ pub struct Stamp {
     pub s: u64,
     pub t: u64,
     pub u: u64,
+}
+
+/// A JSON session's notification frame: the published payload is its `data`.
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    data: Stamp,
 }
 
 pub fn now_us() -> u64 {
@@ -220,7 +226,11 @@ impl Fleet {
             }
             None => format!("uid={user}"),
         };
-        (*addr, format!("{base}?{auth}&format=raw"))
+        let format = match self.inner.args.format {
+            Format::Raw => "raw",
+            Format::Json => "json",
+        };
+        (*addr, format!("{base}?{auth}&format={format}"))
     }
 
     async fn open(&self, conn: &Conn) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
@@ -236,6 +246,17 @@ impl Fleet {
         // Small buffers: the generator holds as many connections as the node.
         let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+        if self.inner.args.format == Format::Json {
+            // Open means welcomed: the node has confirmed the Redis subscription by then.
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.contains(r#""type":"welcome""#) => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                    None => anyhow::bail!("closed before the welcome"),
+                }
+            }
+        }
         let _ = self.inner.handshake.lock().expect("poisoned").record(started.elapsed().as_micros().max(1) as u64);
         if self.inner.args.scenario == Scenario::Broadcast {
             ws.send(Message::text(r#"{"type":"subscribe","channel":"all"}"#)).await?;
@@ -318,7 +339,11 @@ impl Fleet {
                 return !self.inner.closing.load(Ordering::Acquire);
             };
             let Message::Text(text) = frame else { continue };
-            let Ok(stamp) = serde_json::from_str::<Stamp>(&text) else { continue };
+            let stamp = match self.inner.args.format {
+                Format::Raw => serde_json::from_str::<Stamp>(&text).ok(),
+                Format::Json => serde_json::from_str::<Envelope>(&text).ok().map(|e| e.data),
+            };
+            let Some(stamp) = stamp else { continue };
             let stats = &self.inner.stats;
             if stamp.t < stats.measure_from_us.load(Ordering::Relaxed) {
                 last = last.max(stamp.s);

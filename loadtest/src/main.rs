@@ -53,6 +53,17 @@ pub enum Scenario {
     Resubscribe,
 }
 
+/// The session format the clients ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Live payloads byte for byte; a connection counts as open at the 101.
+    Raw,
+    /// pushnode's frames: a connection counts as open at its welcome (token checked, Redis
+    /// subscription confirmed, inbox state read and replayed), notifications are envelopes.
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PublishVia {
@@ -89,6 +100,10 @@ pub struct RunArgs {
     pub user_channel: String,
     #[arg(long, default_value = "pushnode:topic:{topic}")]
     pub topic_channel: String,
+    /// Session format: `raw` (what the documented figures use unless they say otherwise) or
+    /// `json` (the browser client's; connect figures then run to the welcome frame).
+    #[arg(long, value_enum, default_value_t = Format::Raw)]
+    pub format: Format,
     /// Publish straight into Redis, or through the nodes' HTTP API.
     #[arg(long, value_enum, default_value_t = PublishVia::Redis)]
     pub publish_via: PublishVia,
