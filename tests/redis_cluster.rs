@@ -189,3 +189,35 @@ async fn a_refused_subscription_is_retried_and_its_gap_replayed() {
     assert_eq!((live["data"].as_str(), live["unread"].as_u64()), (Some("live"), Some(2)), "{live}");
     client.expect_silence(Duration::from_millis(300)).await;
 }
+
+/// A master dies and the cluster promotes its replica: the node follows the slot to the new
+/// master, and a persisted notification published as soon as the cluster takes it again
+/// reaches the session exactly once (live, or replayed after the resubscribe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_follows_a_failover_to_the_replica() {
+    let mut cluster = RedisCluster::with_replicas();
+    let node = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
+    node.wait_ready(200).await;
+    let mut client = node.connect("42").await;
+    let channel = "pushnode:user:{42}";
+
+    cluster.master_for(channel).kill();
+    let killed = Instant::now();
+    // Retried with one idempotency key: a publish that failed late must not count twice.
+    let body = json!({ "user": "42", "data": "after", "persist": true, "idempotency_key": "failover-1" });
+    loop {
+        let (status, reply) = node.publish(body.clone()).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{reply}");
+        assert!(killed.elapsed() < WAIT, "the cluster never took the publish again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = client.next_json().await;
+    assert_eq!((after["data"].as_str(), after["persisted"].as_bool()), (Some("after"), Some(true)), "{after}");
+    eprintln!("delivered {:?} after the kill", killed.elapsed());
+    let port = cluster.master_for(channel).port;
+    eventually("channel not subscribed on the promoted replica", || cluster.by_port(port).numsub(channel) == 1).await;
+    client.expect_silence(Duration::from_millis(500)).await;
+}

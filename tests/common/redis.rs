@@ -144,40 +144,64 @@ pub struct SlotMove {
     to_id: String,
 }
 
-/// A 3-master Redis Cluster, no replicas.
+/// A 3-master Redis Cluster, without replicas or with one per master.
 pub struct RedisCluster {
     pub masters: Vec<RedisServer>,
+    /// Replicas as created; after a failover one of them may be a master (see `master_for`).
+    pub replicas: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let masters: Vec<RedisServer> = (0..3).map(|_| RedisServer::spawn(free_port(), true)).collect();
-        let addresses: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
+        Self::create(0)
+    }
+
+    /// Three masters with one replica each: a killed master fails over to its replica.
+    pub fn with_replicas() -> Self {
+        Self::create(1)
+    }
+
+    fn create(replicas_per_master: usize) -> Self {
+        let servers: Vec<RedisServer> =
+            (0..3 * (1 + replicas_per_master)).map(|_| RedisServer::spawn(free_port(), true)).collect();
+        let addresses: Vec<String> = servers.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas_per_master.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = Self { masters };
-        for m in &cluster.masters {
-            m.wait_until(
+        for s in &servers {
+            s.wait_until(
                 |s| s.cli(&["CLUSTER", "INFO"]).is_ok_and(|i| i.contains("cluster_state:ok")),
                 "cluster never reached state ok",
             );
         }
-        cluster
+        let (masters, replicas): (Vec<_>, Vec<_>) =
+            servers.into_iter().partition(|s| s.cli(&["ROLE"]).unwrap().starts_with("master"));
+        for r in &replicas {
+            r.wait_until(
+                |s| s.cli(&["INFO", "replication"]).is_ok_and(|i| i.contains("master_link_status:up")),
+                "replica never synced",
+            );
+        }
+        Self { masters, replicas }
     }
 
     pub fn nodes(&self) -> Vec<String> {
-        self.masters.iter().map(RedisServer::url).collect()
+        self.masters.iter().chain(&self.replicas).map(RedisServer::url).collect()
     }
 
-    /// The master serving `key`'s slot.
+    fn servers_mut(&mut self) -> impl Iterator<Item = &mut RedisServer> {
+        self.masters.iter_mut().chain(self.replicas.iter_mut())
+    }
+
+    /// The master serving `key`'s slot (as a live server sees it).
     pub fn master_for(&mut self, key: &str) -> &mut RedisServer {
-        let slot: u64 = self.masters[0].cli(&["CLUSTER", "KEYSLOT", key]).unwrap().parse().unwrap();
-        let slots = self.masters[0].cli(&["CLUSTER", "SLOTS"]).unwrap();
+        let asked = self.masters.iter().chain(&self.replicas).find(|s| s.cli(&["PING"]).is_ok()).unwrap();
+        let slot: u64 = asked.cli(&["CLUSTER", "KEYSLOT", key]).unwrap().parse().unwrap();
+        let slots = asked.cli(&["CLUSTER", "SLOTS"]).unwrap();
         // Lines: start, end, ip, port, id, ... repeated per range.
         let lines: Vec<&str> = slots.lines().map(str::trim).collect();
         let mut port = None;
@@ -191,11 +215,11 @@ impl RedisCluster {
             }
         }
         let port = port.expect("slot owner not found");
-        self.masters.iter_mut().find(|m| m.port == port).unwrap()
+        self.servers_mut().find(|m| m.port == port).unwrap()
     }
 
     pub fn by_port(&self, port: u16) -> &RedisServer {
-        self.masters.iter().find(|m| m.port == port).unwrap()
+        self.masters.iter().chain(&self.replicas).find(|m| m.port == port).unwrap()
     }
 
     /// Starts moving `key`'s slot to another master, as `redis-cli --cluster reshard` does: the
