@@ -47,8 +47,8 @@ impl Resume {
         }
     }
 
-    /// The session's own channel was interrupted (its cluster slot moved): messages may have
-    /// been missed since `high`.
+    /// The session's own channel was interrupted (its cluster slot moved) or is not subscribed
+    /// yet at the welcome: messages may be missed after `high` until it is.
     pub(super) fn interrupt(&mut self) {
         self.gap.get_or_insert(self.high);
     }
