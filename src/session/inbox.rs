@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::resume::Resume;
 use super::{RESYNC_RECHECK, RESYNC_SPREAD, Session};
@@ -32,8 +32,10 @@ where
             match inbox.state(&self.identity.user).await {
                 Ok(s) => state = s,
                 // Live delivery still works; the gap is replayed when the inbox answers again.
+                // Debug, not warn: in an outage every session says it, and the broker's own
+                // warning and pushnode_inbox_errors_total already tell the operator.
                 Err(e) => {
-                    warn!(error = %e, "inbox unavailable at connect");
+                    debug!(error = %e, "inbox unavailable at connect");
                     self.resume.reopen_gap(self.last_id);
                     self.resync_at = Some(resync_deadline());
                 }
@@ -80,7 +82,7 @@ where
         let stored = match inbox.list(&self.identity.user, after, self.ctx.replay_limit, unread_only).await {
             Ok(stored) => stored,
             Err(e) => {
-                warn!(error = %e, "inbox replay failed; retrying");
+                debug!(error = %e, "inbox replay failed; retrying");
                 self.resume.reopen_gap(after);
                 self.resume.still_written(written);
                 self.resync_at = Some(tokio::time::Instant::now() + RESYNC_SPREAD);
