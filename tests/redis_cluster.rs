@@ -201,7 +201,9 @@ async fn delivery_follows_a_failover_to_the_replica() {
     let mut client = node.connect("42").await;
     let channel = "pushnode:user:{42}";
 
-    cluster.master_for(channel).kill();
+    let dead = cluster.master_for(channel);
+    let dead_port = dead.port;
+    dead.kill();
     let killed = Instant::now();
     // Retried with one idempotency key: a publish that failed late must not count twice.
     let body = json!({ "user": "42", "data": "after", "persist": true, "idempotency_key": "failover-1" });
@@ -218,6 +220,7 @@ async fn delivery_follows_a_failover_to_the_replica() {
     assert_eq!((after["data"].as_str(), after["persisted"].as_bool()), (Some("after"), Some(true)), "{after}");
     eprintln!("delivered {:?} after the kill", killed.elapsed());
     let port = cluster.master_for(channel).port;
+    assert_ne!(port, dead_port, "the slot has a new master");
     eventually("channel not subscribed on the promoted replica", || cluster.by_port(port).numsub(channel) == 1).await;
     client.expect_silence(Duration::from_millis(500)).await;
 }
