@@ -34,6 +34,10 @@ pub struct Subscriber {
     pub outbox: Outbox,
     /// When the client was last heard from ([`monotonic_ms`]); the heartbeat sweep reads it.
     pub last_heard: AtomicU64,
+    /// A ping was queued since the client was last heard from. Only then may silence close it:
+    /// a session that arrives just after a sweep listed the sessions waits up to two
+    /// intervals for its first ping, which can be longer than the timeout.
+    pinged: AtomicBool,
     /// The broker lost this session's user channel alone (a cluster slot moved): messages may
     /// be missing since. Set before the channel is subscribed again, taken by the session.
     interrupted: AtomicBool,
@@ -47,6 +51,7 @@ impl Subscriber {
             format,
             outbox,
             last_heard: AtomicU64::new(monotonic_ms()),
+            pinged: AtomicBool::new(false),
             interrupted: AtomicBool::new(false),
         }
     }
@@ -60,6 +65,9 @@ impl Subscriber {
     /// Records that a frame (any frame) arrived from the client.
     pub fn heard(&self) {
         self.last_heard.store(monotonic_ms(), Ordering::Relaxed);
+        if self.pinged.load(Ordering::Relaxed) {
+            self.pinged.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -313,7 +321,8 @@ impl Hub {
     }
 
     /// One heartbeat step over `sessions` (a slice of [`Hub::session_refs`]): pings each that
-    /// is still there, and closes those not heard from within `timeout`. One node-wide sweep,
+    /// is still there, and closes those not heard from within `timeout` although pinged since
+    /// they were last heard. One node-wide sweep,
     /// spread over the interval in steps, instead of a timer per connection (and instead of
     /// one burst of pings).
     pub fn heartbeat(&self, sessions: &[Weak<Subscriber>], timeout: Duration) -> usize {
@@ -321,18 +330,17 @@ impl Hub {
         let timeout = timeout.as_millis() as u64;
         let mut closed = 0;
         for session in sessions.iter().filter_map(Weak::upgrade) {
-            if now.saturating_sub(session.last_heard.load(Ordering::Relaxed)) >= timeout {
+            let silent = now.saturating_sub(session.last_heard.load(Ordering::Relaxed)) >= timeout;
+            if silent && session.pinged.load(Ordering::Relaxed) {
                 session.outbox.close(crate::protocol::CloseReason::HeartbeatTimeout);
                 closed += 1;
             } else {
                 // A full outbox here means a slow consumer: the push closes it, as fan-out would.
                 // A session unregistering meanwhile refuses the push (its outbox is closed).
-                let _ = session.outbox.push(Outgoing {
-                    frame: WireFrame::Ping,
-                    published_us: 0,
-                    persisted: None,
-                    generation: 0,
-                });
+                let ping = Outgoing { frame: WireFrame::Ping, published_us: 0, persisted: None, generation: 0 };
+                if session.outbox.push(ping).is_ok() {
+                    session.pinged.store(true, Ordering::Relaxed);
+                }
             }
         }
         closed
@@ -536,12 +544,21 @@ mod tests {
         hub.unregister(&dropped);
         drop(dropped);
 
-        assert_eq!(hub.heartbeat(&sessions, Duration::from_millis(2)), 1, "only the silent live session closes");
+        // Silent beyond the timeout but never pinged (it arrived after the last sweep): pinged
+        // first, not closed.
+        assert_eq!(hub.heartbeat(&sessions, Duration::from_millis(2)), 0, "nobody was pinged yet");
+        assert_eq!(silent.outbox.closing(), None);
         let mut batch = Vec::new();
         assert_eq!(alive.outbox.drain_into(&mut batch), None);
         assert_eq!(batch.iter().map(|o| &o.frame).collect::<Vec<_>>(), vec![&WireFrame::Ping]);
-        assert_eq!(silent.outbox.closing(), Some(CloseReason::HeartbeatTimeout));
         assert_eq!(gone.outbox.len(), 0);
+
+        // The answering session is heard again; the silent one stayed silent after its ping.
+        std::thread::sleep(Duration::from_millis(1));
+        alive.heard();
+        assert_eq!(hub.heartbeat(&sessions, Duration::from_millis(2)), 1, "only the pinged silent session closes");
+        assert_eq!(silent.outbox.closing(), Some(CloseReason::HeartbeatTimeout));
+        assert_eq!(alive.outbox.closing(), None);
     }
 
     #[test]

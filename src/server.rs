@@ -172,8 +172,8 @@ const HEARTBEAT_TICK: Duration = Duration::from_millis(100);
 
 /// The node-wide heartbeat: every interval, ping every session and close the silent ones. The
 /// sessions are listed (weakly) once per interval and walked through in steps (each step costs
-/// only its own sessions); a session that arrives meanwhile is first pinged in the next interval, which
-/// its connect has just shown alive.
+/// only its own sessions); a session that arrives meanwhile is first visited in the next
+/// interval, and is pinged before its silence can close it.
 async fn heartbeat(hub: Hub, interval: Duration, timeout: Duration, stop: CancellationToken) {
     let steps = (interval.as_millis() / HEARTBEAT_TICK.as_millis()).max(1) as usize;
     let mut tick = tokio::time::interval(interval / steps as u32);
