@@ -111,7 +111,9 @@ impl Probes {
     }
 }
 
-/// The hash slot of `key` (CRC16/XMODEM of the hash tag, or of the key without one).
+/// The hash slot of `key` (CRC16/XMODEM of the hash tag, or of the key without one). The
+/// `redis` crate computes the same in `cluster_routing::Slot::for_key` but does not expose the
+/// number, which the probes compare with slot ranges.
 fn key_slot(key: &[u8]) -> u16 {
     let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
         let rest = &key[open + 1..];
