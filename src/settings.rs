@@ -117,7 +117,8 @@ pub struct Session {
     /// How often the node pings each session.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    /// A session from which nothing (not even a pong) arrived for this long is closed (4002).
+    /// A session from which nothing (not even a pong) arrived for this long, although it was
+    /// pinged, is closed (4002) at its next heartbeat.
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
     /// Frames a session may have queued before it counts as a slow consumer and is closed
