@@ -5,7 +5,7 @@
 //! `{"error": "...", "field": "..."}` with a 4xx status naming what was wrong.
 
 use axum::Router;
-use axum::body::{Body, to_bytes};
+use axum::body::to_bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -16,11 +16,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::channel::valid_name;
+use crate::channel::{ChannelKind, NAME_RULE, valid_name};
 use crate::inbox::{InboxError, ReadScope};
 use crate::metrics as m;
 use crate::node::Node;
-use crate::protocol::{Envelope, NoteId};
+use crate::protocol::{Envelope, NoteId, json};
 
 /// Longest `event` name accepted.
 const MAX_EVENT_LEN: usize = 128;
@@ -49,6 +49,10 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), field: None }
     }
@@ -95,6 +99,17 @@ pub struct PublishRequest {
     pub idempotency_key: Option<String>,
 }
 
+impl PublishRequest {
+    /// Parses a publish body. `data` is stored and relayed as it is, so it must also pass
+    /// [`json::check`]: it then becomes a value anywhere (here, in Redis, in a browser).
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let request: Self = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?;
+        json::check(request.data.get()).map_err(|e| ApiError::field("data", format!("not acceptable JSON: {e}")))?;
+        Ok(request)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublishResponse {
     /// The notification id clients will see (for a persisted publish to several users, the
@@ -117,10 +132,8 @@ pub struct PersistedNotification {
 }
 
 async fn publish(State(node): State<Node>, req: Request) -> Result<Json<PublishResponse>, ApiError> {
-    let limit = node.settings().limits.max_publish_bytes;
-    let body = read_body(req.into_body(), limit).await?;
-    let request: PublishRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?;
+    let body = read_json_body(&node, req).await?;
+    let request = PublishRequest::parse(&body)?;
     let channels = targets(&node, &request)?;
     if let Some(event) = &request.event
         && (event.is_empty() || event.len() > MAX_EVENT_LEN)
@@ -201,7 +214,7 @@ async fn notifications(
     State(node): State<Node>,
     Path(user): Path<String>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     check_name("user", &user)?;
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let after = match query.after.as_deref() {
@@ -214,19 +227,34 @@ async fn notifications(
     }
     let stored = node.inbox().list(&user, after, limit, query.unread).await.map_err(unavailable)?;
     let next = (stored.len() == limit).then(|| stored.last().map(|s| s.id.to_string())).flatten();
-    let items: Vec<Value> = stored
+    // Serialised field by field: stored `data` is written as it is kept, never converted.
+    let notifications = stored
         .iter()
-        .map(|s| {
-            json!({
-                "id": s.id.to_string(),
-                "time": s.ts_us / 1000,
-                "event": s.event,
-                "data": s.data,
-                "read": s.read,
-            })
+        .map(|s| ListedNotification {
+            id: s.id.to_string(),
+            time: s.ts_us / 1000,
+            event: s.event.as_deref(),
+            data: &s.data,
+            read: s.read,
         })
         .collect();
-    Ok(Json(json!({ "notifications": items, "next": next })))
+    Ok(Json(NotificationPage { notifications, next }).into_response())
+}
+
+/// `GET /api/users/{user}/notifications` answer.
+#[derive(Debug, Serialize)]
+struct NotificationPage<'a> {
+    notifications: Vec<ListedNotification<'a>>,
+    next: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListedNotification<'a> {
+    id: String,
+    time: u64,
+    event: Option<&'a str>,
+    data: &'a RawValue,
+    read: bool,
 }
 
 async fn unread(State(node): State<Node>, Path(user): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -247,7 +275,7 @@ struct ReadRequest {
 
 async fn read(State(node): State<Node>, Path(user): Path<String>, req: Request) -> Result<Json<Value>, ApiError> {
     check_name("user", &user)?;
-    let body = read_body(req.into_body(), node.settings().limits.max_publish_bytes).await?;
+    let body = read_json_body(&node, req).await?;
     let request: ReadRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?;
     let scope = match (request.ids, request.up_to, request.all) {
@@ -272,13 +300,29 @@ fn unavailable(e: InboxError) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
+/// Reads a request body that must be JSON: `Content-Type: application/json` (415 otherwise: a
+/// plain form post from any web page cannot make a browser send that header across origins
+/// without a preflight), at most `limits.max_publish_bytes` (413), within
+/// `server.header_timeout` (408).
+async fn read_json_body(node: &Node, req: Request) -> Result<bytes::Bytes, ApiError> {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json"));
+    }
+    let limit = node.settings().limits.max_publish_bytes;
+    match tokio::time::timeout(node.settings().server.header_timeout, to_bytes(req.into_body(), limit)).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(_)) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("body larger than {limit} bytes (limits.max_publish_bytes)"),
-        )
-    })
+        )),
+        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body not received in time (server.header_timeout)")),
+    }
 }
 
 /// Resolves the request's target to broker channels, naming the field at fault.
@@ -292,7 +336,14 @@ fn targets(node: &Node, request: &PublishRequest) -> Result<Vec<std::sync::Arc<s
         return check_name("user", user).map(|()| vec![names.user(user)]);
     }
     if let Some(channel) = &request.channel {
-        return check_name("channel", channel).map(|()| vec![names.topic(channel)]);
+        check_name("channel", channel)?;
+        let topic = names.topic(channel);
+        // Settings validation makes this impossible; kept so that no setting change can turn a
+        // topic publish into a notification for a user.
+        if matches!(names.parse(&topic), Some(ChannelKind::User(_))) {
+            return Err(ApiError::field("channel", "renders to a user's channel"));
+        }
+        return Ok(vec![topic]);
     }
     let users = request.users.as_deref().unwrap_or_default();
     let max = node.settings().limits.max_publish_users;
@@ -310,7 +361,7 @@ fn targets(node: &Node, request: &PublishRequest) -> Result<Vec<std::sync::Arc<s
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
-    if valid_name(name) { Ok(()) } else { Err(ApiError::field(field, "must be 1 to 128 of A-Z a-z 0-9 _ - . : @ =")) }
+    if valid_name(name) { Ok(()) } else { Err(ApiError::field(field, format!("must be {NAME_RULE}"))) }
 }
 
 /// Liveness: the runtime answers.

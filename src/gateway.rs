@@ -95,16 +95,24 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
     if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         return reject(StatusCode::BAD_REQUEST, "bad_handshake", "Sec-WebSocket-Version must be 13");
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return reject(StatusCode::BAD_REQUEST, "bad_handshake", "missing Sec-WebSocket-Key");
+    // RFC 6455 4.2.1: the key is the base64 of 16 bytes, sent once.
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(key), None) if valid_websocket_key(key.as_bytes()) => key,
+        _ => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                "Sec-WebSocket-Key must be one base64 value of 16 bytes",
+            );
+        }
     };
     let accept = derive_accept_key(key.as_bytes());
     if node.is_draining() {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down; retry");
     }
     let auth = node.auth();
-    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-    if let Err(e) = auth.check_origin(origin) {
+    if let Err(e) = auth.check_origin(headers.get_all(header::ORIGIN).iter().map(HeaderValue::as_bytes)) {
         return reject(StatusCode::FORBIDDEN, e.label(), e.to_string());
     }
     let header_token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
@@ -140,12 +148,14 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
     // future, whose size is paid by every connection for its whole life.
     let start =
         Box::new(SessionStart { config: ws_config(&node), ctx: node.sessions().clone(), identity, format, last_id });
+    let frames_per_second = node.settings().limits.client_frames_per_second;
     node.tracker().spawn(async move {
         let _admission = admission;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let SessionStart { config, ctx, identity, format, last_id } = *start;
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                let io = session::Metered::new(TokioIo::new(upgraded), frames_per_second);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 session::run(ws, ctx, identity, format, last_id).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
@@ -162,6 +172,12 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
         h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
     }
     response
+}
+
+/// Whether a `Sec-WebSocket-Key` value is the base64 encoding of exactly 16 bytes.
+pub fn valid_websocket_key(key: &[u8]) -> bool {
+    use base64::Engine as _;
+    key.len() == 24 && base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|raw| raw.len() == 16)
 }
 
 /// Everything a session needs once the connection is upgraded.
@@ -192,7 +208,7 @@ struct DemoUser {
 
 /// Demo only: mints a token for any user, so the demo page can connect.
 async fn demo_token(State(node): State<Node>, Query(q): Query<DemoUser>) -> Response {
-    match node.auth().issue(&q.user, DEMO_TOKEN_TTL, vec!["demo".into()]) {
+    match node.auth().issue_demo(&q.user, DEMO_TOKEN_TTL, vec!["demo".into()]) {
         Ok(token) => Json(json!({ "user": q.user, "token": token })).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": e.to_string() }))).into_response(),
     }

@@ -126,6 +126,7 @@ struct Inner {
     fanned_out: metrics::Counter,
     dropped_slow: metrics::Counter,
     dropped_closing: metrics::Counter,
+    dropped_invalid: metrics::Counter,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +153,7 @@ impl Hub {
                 fanned_out: metrics::counter!(m::MESSAGES_FANNED_OUT),
                 dropped_slow: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer"),
                 dropped_closing: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "closing"),
+                dropped_invalid: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "invalid_payload"),
             }),
         }
     }
@@ -424,6 +426,10 @@ impl Hub {
             return Fanout::default();
         };
         let delivery = Delivery::decode(payload, entry.topic.as_ref());
+        if delivery.is_invalid() {
+            // A pushnode envelope whose data no client could parse: JSON sessions skip it.
+            self.inner.dropped_invalid.increment(1);
+        }
         let generation = self.generation();
         let fallback_id = || self.next_message_id();
         let mut fanout = Fanout::default();

@@ -7,10 +7,12 @@
 //! Dependency direction: `server -> {api, gateway, session, broker}`; `api, gateway, session,
 //! broker -> hub -> protocol`. `protocol` and `hub` run without sockets or Redis.
 
+pub mod acceptor;
 pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod fd_budget;
 pub mod gateway;
 pub mod hub;
 pub mod inbox;

@@ -32,6 +32,10 @@ pub const INBOX_DUPLICATES: &str = "pushnode_inbox_duplicates_total";
 pub const INBOX_REPLAYED: &str = "pushnode_inbox_replayed_total";
 pub const INBOX_READS: &str = "pushnode_inbox_reads_total";
 pub const INBOX_ERRORS: &str = "pushnode_inbox_errors_total";
+pub const CONNECTIONS_LIMIT: &str = "pushnode_connections_limit";
+pub const HTTP_CONNECTIONS: &str = "pushnode_http_connections";
+pub const HTTP_CONNECTIONS_DROPPED: &str = "pushnode_http_connections_dropped_total";
+pub const ACCEPT_ERRORS: &str = "pushnode_accept_errors_total";
 
 /// Latency buckets from 100 µs to 10 s, roughly three per decade.
 const LATENCY_BUCKETS: &[f64] =
@@ -170,7 +174,7 @@ fn register_zeroes() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for reason in ["slow_consumer", "closing"] {
+    for reason in ["slow_consumer", "closing", "invalid_payload"] {
         metrics::counter!(MESSAGES_DROPPED, "reason" => reason).increment(0);
     }
     metrics::gauge!(CONNECTIONS).set(0.0);
@@ -215,4 +219,17 @@ fn describe() {
     describe_counter!(INBOX_REPLAYED, "Inbox notifications replayed to sessions (connect, resume, broker gap)");
     describe_counter!(INBOX_READS, "Mark-read operations");
     describe_counter!(INBOX_ERRORS, "Inbox operations that failed (Redis unreachable or erroring), by operation");
+    describe_gauge!(
+        CONNECTIONS_LIMIT,
+        "Sessions this node admits: limits.max_connections, lowered to fit the file-descriptor limit"
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open that are not WebSocket sessions, by listener");
+    describe_counter!(
+        HTTP_CONNECTIONS_DROPPED,
+        "HTTP connections closed by the node before a request completed: header_timeout, or evicted when the listener's pool was full"
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "accept() failures by listener; reason resources is EMFILE, ENFILE, ENOBUFS or ENOMEM"
+    );
 }

@@ -38,6 +38,8 @@ struct Inner {
     /// Sessions admitted (upgrade accepted, not yet ended). Counted from the 101 on, so the
     /// connection limit holds even while sessions are still registering.
     admitted: Arc<AtomicUsize>,
+    /// The admission limit: `limits.max_connections`, or less to fit the descriptor limit.
+    max_sessions: usize,
 }
 
 /// Why readiness fails.
@@ -84,11 +86,13 @@ pub struct Parts {
     pub sessions: Arc<SessionContext>,
     pub metrics: PrometheusHandle,
     pub tracker: TaskTracker,
+    /// See [`crate::fd_budget::FdBudget::sessions`].
+    pub max_sessions: usize,
 }
 
 impl Node {
     pub fn new(parts: Parts) -> Self {
-        let Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker } = parts;
+        let Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker, max_sessions } = parts;
         Self {
             inner: Arc::new(Inner {
                 settings,
@@ -103,6 +107,7 @@ impl Node {
                 draining: AtomicBool::new(false),
                 resident_bytes: AtomicU64::new(0),
                 admitted: Arc::new(AtomicUsize::new(0)),
+                max_sessions,
             }),
         }
     }
@@ -158,7 +163,7 @@ impl Node {
         if self.over_memory() {
             return None;
         }
-        let max = self.inner.settings.limits.max_connections;
+        let max = self.inner.max_sessions;
         let admitted = &self.inner.admitted;
         admitted
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
@@ -175,7 +180,7 @@ impl Node {
         if !self.inner.broker.status().ready {
             reasons.push(NotReady::Broker);
         }
-        if self.inner.admitted.load(Ordering::Acquire) >= self.inner.settings.limits.max_connections {
+        if self.inner.admitted.load(Ordering::Acquire) >= self.inner.max_sessions {
             reasons.push(NotReady::Full);
         }
         if self.over_memory() {

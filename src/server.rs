@@ -21,13 +21,14 @@ use tracing::{info, warn};
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::channel::ChannelNames;
+use crate::fd_budget::FdBudget;
 use crate::hub::Hub;
 use crate::inbox::Inbox;
 use crate::node::{Node, Parts};
 use crate::protocol::CloseReason;
 use crate::session::SessionContext;
 use crate::settings::{BrokerKind, Settings};
-use crate::{api, gateway, metrics};
+use crate::{acceptor, api, gateway, metrics};
 
 /// The two bound sockets of a node. Tests bind port 0 and read the addresses back.
 #[derive(Debug)]
@@ -82,6 +83,8 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     // Stops sessions and background tasks after the drain; the listeners stop with it.
     let stop = CancellationToken::new();
     let metrics = metrics::install();
+    let budget = FdBudget::for_this_process(&settings.limits);
+    ::metrics::gauge!(metrics::CONNECTIONS_LIMIT).set(budget.sessions as f64);
     tracker.spawn(upkeep(metrics.clone(), stop.clone()));
 
     let hub = Hub::new(node_id.clone(), Broker::tracks_interest(settings.broker.kind));
@@ -89,6 +92,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     let names = ChannelNames::new(&settings.broker.user_channel, &settings.broker.topic_channel, cluster);
     let broker = Broker::start(&settings.broker, hub.clone(), &tracker, stop.clone())?;
     let auth = Authenticator::new(&settings.auth);
+    let auth = if settings.demo.enabled { auth.with_demo() } else { auth };
     if settings.auth.insecure_uid {
         warn!("auth.insecure_uid is on: anyone can connect as any user with ?uid=");
     }
@@ -104,19 +108,35 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         settings.session.heartbeat_timeout,
         stop.clone(),
     ));
-    let node =
-        Node::new(Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker: tracker.clone() });
+    let node = Node::new(Parts {
+        settings,
+        hub,
+        broker,
+        inbox,
+        auth,
+        names,
+        sessions,
+        metrics,
+        tracker: tracker.clone(),
+        max_sessions: budget.sessions,
+    });
 
     tracker.spawn(sample_memory(node.clone(), stop.clone()));
 
     let public_addr = listeners.public.local_addr()?;
     let internal_addr = listeners.internal.local_addr()?;
-    let public = axum::serve(listeners.public, gateway::router(node.clone()))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let internal = axum::serve(listeners.internal, api::router(node.clone()))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let public = tokio::spawn(async move { public.await });
-    let internal = tokio::spawn(async move { internal.await });
+    let server = &node.settings().server;
+    let public_limits = acceptor::Limits {
+        name: "public",
+        max_connections: budget.pending,
+        header_timeout: server.header_timeout,
+        keepalive_timeout: server.keepalive_timeout,
+    };
+    let internal_limits = acceptor::Limits { name: "internal", max_connections: budget.internal, ..public_limits };
+    let public =
+        tokio::spawn(acceptor::serve(listeners.public, gateway::router(node.clone()), public_limits, stop.clone()));
+    let internal =
+        tokio::spawn(acceptor::serve(listeners.internal, api::router(node.clone()), internal_limits, stop.clone()));
     info!(node = %node_id, %public_addr, %internal_addr, "pushnode listening");
 
     shutdown.cancelled().await;
@@ -133,10 +153,8 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     }
     // Listeners stop accepting at `stop`; their in-flight plain HTTP requests get the grace too.
     for listener in [public, internal] {
-        match timeout(grace, listener).await {
-            Ok(Ok(Err(e))) => warn!(error = %e, "listener ended with an error"),
-            Ok(_) => {}
-            Err(_) => warn!("listener did not stop within the grace period"),
+        if timeout(grace, listener).await.is_err() {
+            warn!("listener did not stop within the grace period");
         }
     }
     info!("pushnode stopped");

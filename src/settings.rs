@@ -16,6 +16,7 @@ use std::time::Duration;
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
+use crate::channel::ChannelNames;
 use crate::protocol::Format;
 
 /// Environment variable naming the configuration file when `--config` is not given.
@@ -63,6 +64,14 @@ pub struct Server {
     /// Upper bound of the random reconnect delay suggested to drained clients.
     #[serde(with = "humantime_serde")]
     pub reconnect_jitter: Duration,
+    /// A new connection (on either listener) that has not sent a whole request head within this
+    /// is closed: silent and slowly-sent requests cannot hold a file descriptor for long.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A kept-alive HTTP connection with no request under way is closed after this; the next
+    /// request's head must also arrive within it.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for Server {
@@ -75,28 +84,50 @@ impl Default for Server {
             drain_period: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             reconnect_jitter: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// HS256 secret for connection tokens (at least 32 bytes). Empty is allowed only with
-    /// `demo.enabled`, which then signs with a random per-process secret.
+    /// `demo.enabled` or `insecure_uid` (tokens then verify on no node). Demo tokens are signed
+    /// with a separate random per-process secret, never with this one.
     pub jwt_secret: String,
-    /// Keys accepted by the internal API as `Authorization: Bearer <key>`. Empty with
-    /// `demo.enabled` leaves the API open on the (loopback) internal address.
+    /// Keys accepted by the internal API as `Authorization: Bearer <key>`. Empty (demo only)
+    /// leaves the API open, and is refused unless both listeners are on loopback addresses.
     pub api_keys: Vec<String>,
     /// Accept `?uid=ID` without a token (local demos, migration from the classic demo). Refused
-    /// on a non-loopback `server.public_addr`.
+    /// unless both listeners are on loopback addresses.
     pub insecure_uid: bool,
     /// Browser origins allowed to connect (exact `scheme://host[:port]`); empty allows any.
     /// Requests without an `Origin` header (non-browser clients) are not affected.
     pub allowed_origins: Vec<String>,
-    /// Clock skew tolerated when checking a token's `exp`.
+    /// Clock skew tolerated when checking a token's `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub clock_skew: Duration,
+    /// When set, tokens must carry this `iss`; empty does not check `iss`.
+    pub issuer: String,
+    /// When set, tokens must carry this `aud` (or a list holding it); empty ignores `aud`.
+    pub audience: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach a log line or a panic message.
+        f.debug_struct("Auth")
+            .field("jwt_secret", &redact_secret(&self.jwt_secret))
+            .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
+            .field("insecure_uid", &self.insecure_uid)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("clock_skew", &self.clock_skew)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
 }
 
 impl Default for Auth {
@@ -107,6 +138,8 @@ impl Default for Auth {
             insecure_uid: false,
             allowed_origins: Vec::new(),
             clock_skew: Duration::from_secs(10),
+            issuer: String::new(),
+            audience: String::new(),
         }
     }
 }
@@ -153,14 +186,21 @@ impl Default for Session {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Sessions per node; upgrades above it get HTTP 503.
+    /// Sessions per node; upgrades above it get HTTP 503. Lowered at start if the process's
+    /// file-descriptor limit cannot hold it beside the two connection pools below.
     pub max_connections: usize,
+    /// Connections on the public listener that are not (yet) WebSocket sessions. When all are
+    /// taken, the oldest one open for more than 250 ms is closed to make room, so a flood of
+    /// silent sockets cannot lock clients out.
+    pub max_pending_connections: usize,
+    /// Connections on the internal listener (API, probes, scrapes), with the same rule.
+    pub max_internal_connections: usize,
     /// Sessions per user on one node; upgrades above it get HTTP 429.
     pub max_connections_per_user: usize,
     /// Largest client frame in bytes; a larger one closes the session (1009).
     pub max_frame_bytes: usize,
-    /// Client frames per second (sustained, with a burst of the same size); more closes the
-    /// session (4003).
+    /// Client WebSocket frames per second of every kind (data, ping, pong, continuation),
+    /// sustained, with a burst of the same size; more closes the session (4003).
     pub client_frames_per_second: u32,
     /// Topic channels one session may join.
     pub max_topics_per_session: usize,
@@ -177,6 +217,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 50_000,
+            max_pending_connections: 512,
+            max_internal_connections: 128,
             max_connections_per_user: 32,
             max_frame_bytes: 4096,
             client_frames_per_second: 20,
@@ -199,7 +241,7 @@ pub enum BrokerKind {
     RedisCluster,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Broker {
     /// `memory` (one node, no Redis), `redis` or `redis-cluster`.
@@ -210,7 +252,8 @@ pub struct Broker {
     pub user_channel: String,
     /// Broker channel of a topic; `{topic}` stands for the topic name.
     pub topic_channel: String,
-    /// Redis URL for `kind = "redis"` (`redis://[:password@]host:port[/db]`).
+    /// Redis URL for `kind = "redis"`: `redis://[[user]:password@]host:port[/db]`, or
+    /// `redis+unix:///path/to/socket?db=0&pass=...`.
     pub redis_url: String,
     /// Seed nodes for `kind = "redis-cluster"`, e.g. `["redis://10.0.0.1:6379"]`.
     pub cluster_nodes: Vec<String>,
@@ -265,6 +308,29 @@ impl Default for Broker {
     }
 }
 
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Redis URLs carry passwords.
+        let nodes: Vec<String> = self.cluster_nodes.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("Broker")
+            .field("kind", &self.kind)
+            .field("user_channel", &self.user_channel)
+            .field("topic_channel", &self.topic_channel)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("cluster_nodes", &nodes)
+            .field("unsubscribe_delay", &self.unsubscribe_delay)
+            .field("subscribe_batch", &self.subscribe_batch)
+            .field("probe_interval", &self.probe_interval)
+            .field("probe_timeout", &self.probe_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("subscribe_wait", &self.subscribe_wait)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Inbox {
@@ -298,7 +364,8 @@ impl Default for Inbox {
 #[serde(default, deny_unknown_fields)]
 pub struct Demo {
     /// Serve the demo page's helper routes (`/demo/token`, `/demo/send`), which mint tokens for
-    /// any user: only for local trials. Refused on a non-loopback `server.public_addr`.
+    /// any user (signed with a per-process secret, valid on this node only): only for local
+    /// trials. Refused unless both listeners are on loopback addresses.
     pub enabled: bool,
 }
 
@@ -364,34 +431,46 @@ impl Settings {
             let path = path.to_str().ok_or_else(|| invalid("--config", "path is not UTF-8"))?;
             builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
         }
-        let vars = env.iter().filter(|(k, _)| k.starts_with("PUSHNODE__")).map(|(k, v)| (k.clone(), v.clone()));
-        let mut environment = Environment::with_prefix(ENV_PREFIX)
+        // Values stay strings: `config` converts them to the type each key wants, and a secret
+        // or key that happens to be all digits (or has a leading zero) is never turned into a
+        // number. List keys are split here, as `config` splits only parsed values.
+        let mut plain = HashMap::new();
+        for (name, value) in env.iter().filter(|(k, _)| k.starts_with("PUSHNODE__")) {
+            let key = name["PUSHNODE__".len()..].to_lowercase().replace(ENV_SEPARATOR, ".");
+            if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> =
+                    value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned).collect();
+                builder = builder.set_override(key, items)?;
+            } else {
+                plain.insert(name.clone(), value.clone());
+            }
+        }
+        let environment = Environment::with_prefix(ENV_PREFIX)
             .prefix_separator(ENV_SEPARATOR)
             .separator(ENV_SEPARATOR)
-            .list_separator(",")
-            .try_parsing(true)
-            .source(Some(vars.collect()));
-        for key in LIST_KEYS {
-            environment = environment.with_list_parse_key(key);
-        }
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+            .try_parsing(false)
+            .source(Some(plain));
+        builder = builder.add_source(environment);
+        let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }
 
     /// Checks what types alone cannot, naming the key at fault.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let loopback = self.server.public_addr.ip().is_loopback();
+        // Anything that lets a caller act without credentials stays on this machine: a demo
+        // token works on the public listener, an open API on the internal one.
+        let loopback = self.server.public_addr.ip().is_loopback() && self.server.internal_addr.ip().is_loopback();
         if self.auth.insecure_uid && !loopback {
             return Err(invalid(
                 "auth.insecure_uid",
-                "lets anyone connect as any user; it is refused on a non-loopback server.public_addr",
+                "lets anyone connect as any user; it is refused unless server.public_addr and server.internal_addr are loopback",
             ));
         }
         if self.demo.enabled && !loopback {
             return Err(invalid(
                 "demo.enabled",
-                "the demo routes mint tokens for any user; set demo.enabled = false on a non-loopback server.public_addr",
+                "the demo routes mint tokens for any user; set demo.enabled = false unless server.public_addr and server.internal_addr are loopback",
             ));
         }
         if self.auth.jwt_secret.is_empty() && !self.demo.enabled && !self.auth.insecure_uid {
@@ -400,13 +479,16 @@ impl Settings {
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < MIN_SECRET_LEN {
             return Err(invalid("auth.jwt_secret", format!("must be at least {MIN_SECRET_LEN} bytes")));
         }
-        if self.auth.api_keys.is_empty() && !self.demo.enabled {
-            return Err(invalid("auth.api_keys", "at least one key is required unless demo.enabled"));
+        if self.auth.api_keys.is_empty() && !(self.demo.enabled && loopback) {
+            return Err(invalid(
+                "auth.api_keys",
+                "at least one key is required; the API runs without one only in demo mode with both listeners on loopback",
+            ));
         }
         if self.auth.api_keys.iter().any(|k| k.len() < 16) {
             return Err(invalid("auth.api_keys", "each key must be at least 16 bytes"));
         }
-        if let Some(origin) = self.auth.allowed_origins.iter().find(|o| !o.contains("://")) {
+        if let Some(origin) = self.auth.allowed_origins.iter().find(|o| crate::auth::normalize_origin(o).is_none()) {
             return Err(invalid("auth.allowed_origins", format!("{origin:?} is not scheme://host[:port]")));
         }
         if self.session.heartbeat_interval.is_zero() {
@@ -427,6 +509,18 @@ impl Settings {
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
+        if self.limits.max_pending_connections == 0 {
+            return Err(invalid("limits.max_pending_connections", "must be at least 1"));
+        }
+        if self.limits.max_internal_connections == 0 {
+            return Err(invalid("limits.max_internal_connections", "must be at least 1"));
+        }
+        if self.server.header_timeout.is_zero() {
+            return Err(invalid("server.header_timeout", "must be above zero"));
+        }
+        if self.server.keepalive_timeout.is_zero() {
+            return Err(invalid("server.keepalive_timeout", "must be above zero"));
+        }
         if self.limits.max_connections_per_user == 0 {
             return Err(invalid("limits.max_connections_per_user", "must be at least 1"));
         }
@@ -445,14 +539,35 @@ impl Settings {
         if self.broker.topic_channel.matches("{topic}").count() != 1 {
             return Err(invalid("broker.topic_channel", "must contain {topic} exactly once"));
         }
-        if self.broker.user_channel.replace("{user}", "") == self.broker.topic_channel.replace("{topic}", "") {
-            return Err(invalid("broker.topic_channel", "must differ from broker.user_channel"));
+        let cluster = self.broker.kind == BrokerKind::RedisCluster;
+        if cluster {
+            for (key, pattern, placeholder) in [
+                ("broker.user_channel", &self.broker.user_channel, "{user}"),
+                ("broker.topic_channel", &self.broker.topic_channel, "{topic}"),
+            ] {
+                if pattern.replace(placeholder, "").contains(['{', '}']) {
+                    return Err(invalid(
+                        key,
+                        "must have no braces besides the placeholder in redis-cluster mode (the id is the hash tag)",
+                    ));
+                }
+            }
+        }
+        let names = ChannelNames::new(&self.broker.user_channel, &self.broker.topic_channel, cluster);
+        if let Some(overlap) = names.overlap() {
+            return Err(invalid(
+                "broker.topic_channel",
+                format!(
+                    "overlaps broker.user_channel: topic {:?} would be user {:?}'s channel {:?}, so a token granting that topic could read that user's notifications",
+                    overlap.topic, overlap.user, overlap.channel
+                ),
+            ));
         }
         if self.broker.kind == BrokerKind::RedisCluster && self.broker.cluster_nodes.is_empty() {
             return Err(invalid("broker.cluster_nodes", "at least one seed node is required for redis-cluster"));
         }
         if self.broker.kind == BrokerKind::Redis && redis::parse_redis_url(&self.broker.redis_url).is_none() {
-            return Err(invalid("broker.redis_url", "not a redis:// URL"));
+            return Err(invalid("broker.redis_url", "not a redis://, rediss:// or redis+unix:// URL"));
         }
         if self.broker.subscribe_batch == 0 {
             return Err(invalid("broker.subscribe_batch", "must be at least 1"));
@@ -484,9 +599,7 @@ impl Settings {
     /// The effective configuration as TOML with secrets replaced by `<redacted>`.
     pub fn redacted_toml(&self) -> String {
         let mut copy = self.clone();
-        if !copy.auth.jwt_secret.is_empty() {
-            copy.auth.jwt_secret = REDACTED.into();
-        }
+        copy.auth.jwt_secret = redact_secret(&copy.auth.jwt_secret).to_owned();
         copy.auth.api_keys = copy.auth.api_keys.iter().map(|_| REDACTED.into()).collect();
         copy.broker.redis_url = redact_url(&copy.broker.redis_url);
         copy.broker.cluster_nodes = copy.broker.cluster_nodes.iter().map(|u| redact_url(u)).collect();
@@ -494,12 +607,36 @@ impl Settings {
     }
 }
 
-/// Hides the password of a `redis://user:password@host` URL.
+fn redact_secret(secret: &str) -> &str {
+    if secret.is_empty() { "" } else { REDACTED }
+}
+
+/// Query parameters of a Redis URL that carry a password (`redis+unix://…?pass=` is the
+/// redis crate's spelling; `password` is common elsewhere).
+const SECRET_PARAMS: &[&str] = &["pass", "password"];
+
+/// A Redis URL with its password hidden, in every form the redis crate takes: user info
+/// (`redis://user:pw@host`, `rediss://`), and query parameters (`redis+unix:///s?pass=pw`,
+/// `unix:///s?password=pw`). A URL that does not parse is hidden whole: it might be anything.
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}{REDACTED}{}", &url[..scheme + 3], &url[at..]),
-        _ => url.to_owned(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return if url.is_empty() { String::new() } else { format!("{REDACTED} (unparsable URL)") };
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(REDACTED));
     }
+    if parsed.query_pairs().any(|(k, _)| SECRET_PARAMS.contains(&k.as_ref())) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if SECRET_PARAMS.contains(&k.as_ref()) { REDACTED.to_owned() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // `<` and `>` come back percent-encoded; show the marker as written.
+    parsed.to_string().replace("%3Credacted%3E", REDACTED)
 }
 
 #[cfg(test)]
@@ -557,6 +694,96 @@ mod tests {
         s.demo.enabled = false;
         s.auth.insecure_uid = true;
         assert!(s.validate().unwrap_err().to_string().contains("auth.insecure_uid"));
+    }
+
+    #[test]
+    fn nothing_runs_without_credentials_off_loopback() {
+        // The internal listener alone on a reachable address is enough to refuse each.
+        let mut demo = Settings::default();
+        demo.server.internal_addr = "0.0.0.0:9502".parse().unwrap();
+        assert!(demo.validate().unwrap_err().to_string().contains("demo.enabled"));
+        let mut open_api = demo.clone();
+        open_api.demo.enabled = false;
+        open_api.auth.jwt_secret = "s".repeat(32);
+        assert!(open_api.validate().unwrap_err().to_string().contains("auth.api_keys"));
+        open_api.auth.api_keys = vec!["k".repeat(16)];
+        assert!(open_api.validate().is_ok());
+        let mut insecure = open_api.clone();
+        insecure.auth.insecure_uid = true;
+        assert!(insecure.validate().unwrap_err().to_string().contains("auth.insecure_uid"));
+    }
+
+    #[test]
+    fn overlapping_channel_patterns_are_refused_naming_both_keys() {
+        for (user, topic) in [
+            ("push:message:{user}", "push:{topic}"),
+            ("laravel_database_private-App.Models.User.{user}", "laravel_database_{topic}"),
+            ("n:{user}", "n:{topic}"),
+        ] {
+            let mut s = Settings::default();
+            s.broker.user_channel = user.into();
+            s.broker.topic_channel = topic.into();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("broker.topic_channel") && err.contains("broker.user_channel"), "{err}");
+        }
+    }
+
+    #[test]
+    fn braces_in_patterns_are_refused_in_cluster_mode() {
+        let mut s = Settings::default();
+        s.broker.kind = BrokerKind::RedisCluster;
+        s.broker.cluster_nodes = vec!["redis://127.0.0.1:7000".into()];
+        s.broker.user_channel = "app{x}:{user}".into();
+        assert!(s.validate().unwrap_err().to_string().contains("broker.user_channel"));
+        s.broker.user_channel = "app:{user}".into();
+        s.broker.topic_channel = "t:{topic}}".into();
+        assert!(s.validate().unwrap_err().to_string().contains("broker.topic_channel"));
+    }
+
+    #[test]
+    fn secrets_from_the_environment_stay_strings() {
+        let settings = Settings::load_from(
+            None,
+            &env(&[
+                ("PUSHNODE__AUTH__JWT_SECRET", "12345678901234567890123456789012345"),
+                ("PUSHNODE__AUTH__API_KEYS", "0123456789012345678"),
+                ("PUSHNODE__DEMO__ENABLED", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.auth.jwt_secret, "12345678901234567890123456789012345");
+        assert_eq!(settings.auth.api_keys, vec!["0123456789012345678".to_owned()]);
+        assert!(!settings.demo.enabled);
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let mut s = Settings::default();
+        s.auth.jwt_secret = "jwt-secret-jwt-secret-jwt-secret!".into();
+        s.auth.api_keys = vec!["api-key-api-key-1".into()];
+        s.broker.redis_url = "redis://user:hunter2@redis:6379".into();
+        s.broker.cluster_nodes = vec!["redis://:hunter3@r1:7000".into()];
+        let debug = format!("{s:?} {s:#?}");
+        for secret in ["jwt-secret", "api-key", "hunter2", "hunter3"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("r1:7000") && debug.contains("redis:6379"));
+    }
+
+    #[test]
+    fn redaction_hides_passwords_in_every_url_form() {
+        for (url, kept) in [
+            ("redis://:hunter2@redis:6379", "redis:6379"),
+            ("redis://user:hunter2@redis:6379/2", "user:<redacted>@redis:6379/2"),
+            ("rediss://default:hunter2@redis:6380", "redis:6380"),
+            ("redis+unix:///run/redis.sock?db=1&pass=hunter2", "/run/redis.sock?db=1&pass=<redacted>"),
+            ("unix:///run/redis.sock?password=hunter2&db=0", "password=<redacted>&db=0"),
+            ("redis://redis:6379", "redis://redis:6379"),
+            ("not a url with hunter2", "<redacted>"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains("hunter2") && shown.contains(kept), "{url} -> {shown}");
+        }
     }
 
     #[test]

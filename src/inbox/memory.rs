@@ -157,22 +157,24 @@ impl MemoryInbox {
             .collect()
     }
 
+    /// Marks read and publishes the new count, like the Redis store: a user without an inbox
+    /// gets a count of 0 too.
     pub(super) fn mark_read(&self, user: &str, scope: &ReadScope) -> u64 {
-        match self.users.get_mut(user) {
-            Some(mut inbox) => {
-                match scope {
-                    ReadScope::All => inbox.unread.clear(),
-                    ReadScope::UpTo(up_to) => inbox.unread.retain(|id| id > up_to),
-                    ReadScope::Ids(ids) => ids.iter().for_each(|id| {
-                        inbox.unread.remove(id);
-                    }),
-                }
-                let unread = inbox.unread.len() as u64;
-                self.hub.deliver(&self.names.user(user), &UnreadUpdate::encode(unread));
-                unread
-            }
-            None => 0,
+        let Some(mut inbox) = self.users.get_mut(user) else {
+            self.hub.deliver(&self.names.user(user), &UnreadUpdate::encode(0));
+            return 0;
+        };
+        match scope {
+            ReadScope::All => inbox.unread.clear(),
+            ReadScope::UpTo(up_to) => inbox.unread.retain(|id| id > up_to),
+            ReadScope::Ids(ids) => ids.iter().for_each(|id| {
+                inbox.unread.remove(id);
+            }),
         }
+        let unread = inbox.unread.len() as u64;
+        // Delivered while the entry is held, so counts leave in order.
+        self.hub.deliver(&self.names.user(user), &UnreadUpdate::encode(unread));
+        unread
     }
 }
 

@@ -8,13 +8,14 @@
 use redis::Value;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Appended, InboxError, InboxState, Limits, ReadScope, Stored};
 use crate::broker::{BrokerError, RedisBroker};
 use crate::channel::ChannelNames;
 use crate::hub::Hub;
-use crate::protocol::NoteId;
+use crate::metrics as m;
+use crate::protocol::{NoteId, json};
 
 /// The Redis Functions library (`#!lua name=pushnode`).
 pub const LIBRARY: &str = include_str!("pushnode.lua");
@@ -130,8 +131,7 @@ impl RedisInbox {
             .map(|entry| match items(entry)?.as_slice() {
                 [id, ts, event, data, unread] => {
                     let event = text(event)?;
-                    let data = RawValue::from_string(text(data)?)
-                        .map_err(|e| InboxError::Corrupt(format!("stored data is not JSON: {e}")))?;
+                    let data = stored_data(text(data)?);
                     Ok(Stored {
                         id: note_id(id)?,
                         ts_us: text(ts)?.parse().map_err(|_| InboxError::Corrupt("bad ts".into()))?,
@@ -163,6 +163,20 @@ impl RedisInbox {
             }
         }
         int(&self.call("pushnode_read", user, &args).await?)
+    }
+}
+
+/// Stored `data` as clients may get it. `FCALL pushnode_notify` from an application stores
+/// whatever it is given; what fails [`json::check`] is replaced by `null` (and counted) rather
+/// than failing the whole read, which a session would retry for ever.
+fn stored_data(text: String) -> Box<RawValue> {
+    match json::check(&text).ok().and_then(|()| RawValue::from_string(text).ok()) {
+        Some(data) => data,
+        None => {
+            metrics::counter!(m::INBOX_ERRORS, "operation" => "invalid_data").increment(1);
+            debug!("stored notification data is not acceptable JSON; replaced by null");
+            RawValue::from_string("null".to_owned()).unwrap_or_default()
+        }
     }
 }
 

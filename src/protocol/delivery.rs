@@ -20,13 +20,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{Format, PROTOCOL_VERSION, WireFrame};
+use super::{Format, PROTOCOL_VERSION, WireFrame, json};
 
-/// Id of a persisted notification: `<ms>-<seq>` (a Redis stream id), ordered per user.
+/// Id of a persisted notification: `<ms>-<seq>` (a Redis stream id), ordered per user. Each
+/// part is at most [`NoteId::MAX_PART`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NoteId {
     pub ms: u64,
     pub seq: u64,
+}
+
+impl NoteId {
+    /// Largest part accepted: 2^53 - 1, exact in JavaScript (where clients keep ids) and in the
+    /// inbox functions' Lua numbers and sorted-set scores. Ids the inbox makes are
+    /// milliseconds and counters, far below it; anything larger is a forged or corrupt id, and
+    /// the largest stream id would even make Redis refuse "everything after it".
+    pub const MAX_PART: u64 = (1 << 53) - 1;
 }
 
 impl FromStr for NoteId {
@@ -34,11 +43,13 @@ impl FromStr for NoteId {
 
     fn from_str(s: &str) -> Result<Self, ()> {
         let (ms, seq) = s.split_once('-').ok_or(())?;
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
-        if !digits(ms) || !digits(seq) {
-            return Err(());
-        }
-        Ok(Self { ms: ms.parse().map_err(|_| ())?, seq: seq.parse().map_err(|_| ())? })
+        let part = |p: &str| {
+            if p.is_empty() || p.len() > 16 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            p.parse::<u64>().ok().filter(|n| *n <= Self::MAX_PART).ok_or(())
+        };
+        Ok(Self { ms: part(ms)?, seq: part(seq)? })
     }
 }
 
@@ -170,6 +181,8 @@ pub struct Delivery {
     raw: Option<WireFrame>,
     payload: Bytes,
     topic: Option<Arc<str>>,
+    /// An envelope whose `data` fails [`json::check`]: JSON sessions do not get it.
+    invalid: bool,
 }
 
 /// Whether the payload looks like one of ours: envelopes and unread updates are written with
@@ -194,6 +207,18 @@ impl Delivery {
             if let Ok(env) = serde_json::from_slice::<Envelope<'_>>(payload)
                 && env.pushnode == PROTOCOL_VERSION
             {
+                let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
+                if json::check(env.data.get()).is_err() {
+                    return Self {
+                        ts: env.ts,
+                        persisted: None,
+                        json,
+                        raw: Some(raw),
+                        payload: Bytes::new(),
+                        topic,
+                        invalid: true,
+                    };
+                }
                 let _ = json.set(
                     Notification {
                         kind: "notification",
@@ -210,13 +235,20 @@ impl Delivery {
                     .encode(),
                 );
                 // The raw form is the published `data`, byte for byte.
-                let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
                 let persisted = if env.persisted { env.id.parse().ok() } else { None };
-                return Self { ts: env.ts, persisted, json, raw: Some(raw), payload: Bytes::new(), topic };
+                return Self {
+                    ts: env.ts,
+                    persisted,
+                    json,
+                    raw: Some(raw),
+                    payload: Bytes::new(),
+                    topic,
+                    invalid: false,
+                };
             }
             if let Ok(update) = serde_json::from_slice::<UnreadUpdate>(payload) {
                 let _ = json.set(unread_frame(update.unread));
-                return Self { ts: 0, persisted: None, json, raw: None, payload: Bytes::new(), topic };
+                return Self { ts: 0, persisted: None, json, raw: None, payload: Bytes::new(), topic, invalid: false };
             }
         }
         Self {
@@ -226,13 +258,21 @@ impl Delivery {
             raw: Some(text_or_binary(payload.clone())),
             payload: payload.clone(),
             topic,
+            invalid: false,
         }
+    }
+
+    /// Whether this is one of our envelopes with `data` that fails [`json::check`] (published
+    /// straight into Redis by someone else): JSON sessions do not get it, raw sessions still do.
+    pub fn is_invalid(&self) -> bool {
+        self.invalid
     }
 
     /// The frame for a session of `format`, or `None` if such sessions do not get this one.
     /// `fallback_id` names foreign payloads, which carry no id, when their JSON frame is built.
     pub fn frame(&self, format: Format, fallback_id: &dyn Fn() -> String) -> Option<&WireFrame> {
         match format {
+            Format::Json if self.invalid => None,
             Format::Json => Some(self.json.get_or_init(|| self.foreign_json(&fallback_id()))),
             Format::Raw => self.raw.as_ref(),
         }
@@ -256,13 +296,19 @@ impl Delivery {
             }
             .encode()
         };
+        // Only JSON that passes `json::check` is embedded as JSON; anything else is carried as a
+        // string, so every frame a client gets parses.
+        let checked = |raw: &RawValue| json::check(raw.get()).is_ok();
         if contains(payload, b"\"event\"")
             && let Ok(laravel) = serde_json::from_slice::<LaravelBroadcast<'_>>(payload)
+            && checked(laravel.data)
         {
             // A Laravel broadcast: its event name and data become the notification's.
             return foreign(Some(&laravel.event), laravel.data);
         }
-        if let Ok(data) = serde_json::from_slice::<&RawValue>(payload) {
+        if let Ok(data) = serde_json::from_slice::<&RawValue>(payload)
+            && checked(data)
+        {
             return foreign(None, data);
         }
         // Not JSON: carry it as a JSON string so the JSON frame stays valid.
@@ -324,9 +370,23 @@ mod tests {
         let c: NoteId = "1764136800124-2".parse().unwrap();
         assert!(a < b && b < c);
         assert_eq!(b.to_string(), "1764136800123-10");
-        for bad in ["", "1-", "-1", "1-2-3", "x-1", "1 -2", "99999999999999999999999-1"] {
+        for bad in [
+            "",
+            "1-",
+            "-1",
+            "1-2-3",
+            "x-1",
+            "1 -2",
+            "+1-2",
+            "99999999999999999999999-1",
+            "18446744073709551615-18446744073709551615",
+            "9007199254740992-0",
+            "0-9007199254740992",
+        ] {
             assert!(bad.parse::<NoteId>().is_err(), "{bad:?}");
         }
+        let max: NoteId = "9007199254740991-9007199254740991".parse().unwrap();
+        assert_eq!((max.ms, max.seq), (NoteId::MAX_PART, NoteId::MAX_PART));
     }
 
     #[test]

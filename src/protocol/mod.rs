@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 mod delivery;
+pub mod json;
 
 pub use delivery::{Delivery, Envelope, NoteId, UnreadUpdate, encode_stored, now_micros, unread_frame};
 

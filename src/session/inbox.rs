@@ -82,13 +82,19 @@ where
         let stored = match inbox.list(&self.identity.user, after, self.ctx.replay_limit, unread_only).await {
             Ok(stored) => stored,
             Err(e) => {
-                debug!(error = %e, "inbox replay failed; retrying");
+                // Retried with a doubling, jittered delay: an inbox that keeps failing (Redis
+                // down, or refusing this user's read) costs one call per session per
+                // RESYNC_BACKOFF_MAX, not two a second for ever.
+                self.replay_failures = self.replay_failures.saturating_add(1);
+                let delay = retry_delay(self.replay_failures);
+                debug!(error = %e, retry_in = ?delay, "inbox replay failed");
                 self.resume.reopen_gap(after);
                 self.resume.still_written(written);
-                self.resync_at = Some(tokio::time::Instant::now() + RESYNC_SPREAD);
+                self.resync_at = Some(tokio::time::Instant::now() + delay);
                 return Ok(());
             }
         };
+        self.replay_failures = 0;
         let mut frames = Vec::with_capacity(stored.len());
         for note in stored.into_iter().filter(|note| !written.contains(&note.id)) {
             let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
@@ -157,7 +163,34 @@ where
     }
 }
 
+/// Longest wait between two replay attempts of one session.
+const RESYNC_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before retry number `failures` (1 = the first retry): [`RESYNC_SPREAD`] doubled per
+/// failure up to [`RESYNC_BACKOFF_MAX`], with jitter (half to all of it).
+fn retry_delay(failures: u32) -> Duration {
+    let full = RESYNC_SPREAD.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RESYNC_BACKOFF_MAX);
+    let half = full / 2;
+    half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
+}
+
 fn resync_deadline() -> tokio::time::Instant {
     let spread = fastrand::u64(0..=RESYNC_SPREAD.as_millis() as u64);
     tokio::time::Instant::now() + Duration::from_millis(spread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_retries_back_off_to_a_cap() {
+        for failures in 1..40 {
+            let full = RESYNC_SPREAD.saturating_mul(1 << (failures - 1).min(16)).min(RESYNC_BACKOFF_MAX);
+            let delay = retry_delay(failures);
+            assert!(delay >= full / 2 && delay <= full, "{failures}: {delay:?}");
+        }
+        assert!(retry_delay(1) <= RESYNC_SPREAD);
+        assert!(retry_delay(30) >= RESYNC_BACKOFF_MAX / 2);
+    }
 }

@@ -16,15 +16,18 @@
 //! the gap once the channel is subscribed again.
 
 mod inbox;
+mod meter;
 mod rate;
 mod resume;
+
+pub use self::meter::{FrameFlood, Metered};
 
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -33,10 +36,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tracing::{Instrument, debug, info_span, trace};
 
-use self::rate::TokenBucket;
 use self::resume::Resume;
 use crate::auth::Identity;
-use crate::channel::{ChannelNames, granted, valid_name};
+use crate::channel::{ChannelKind, ChannelNames, granted, valid_name};
 use crate::hub::{Hub, Subscriber};
 use crate::inbox::Inbox;
 use crate::metrics as m;
@@ -66,7 +68,6 @@ pub struct SessionContext {
     outbox_capacity: usize,
     max_per_user: usize,
     max_topics: usize,
-    frames_per_second: f64,
     subscribe_wait: Duration,
     inbox: Option<Inbox>,
     replay_limit: usize,
@@ -85,7 +86,6 @@ impl SessionContext {
             outbox_capacity: settings.session.outbox_capacity,
             max_per_user: settings.limits.max_connections_per_user,
             max_topics: settings.limits.max_topics_per_session,
-            frames_per_second: f64::from(settings.limits.client_frames_per_second),
             subscribe_wait: settings.broker.subscribe_wait,
             inbox,
             replay_limit: settings.inbox.replay_limit,
@@ -124,11 +124,11 @@ where
         subscriber,
         identity,
         topics: Vec::new(),
-        bucket: TokenBucket::default(),
         batch: Vec::new(),
         resume: Resume::default(),
         resync_at: None,
         last_id,
+        replay_failures: 0,
     };
     async move {
         let reason = session.run().await;
@@ -146,7 +146,6 @@ struct Session<S> {
     user_channel: Arc<str>,
     /// Joined topic channels: (broker channel, topic name).
     topics: Vec<(Arc<str>, Arc<str>)>,
-    bucket: TokenBucket,
     /// Reused between batches so a busy session does not allocate per batch.
     batch: Vec<Outgoing>,
     resume: Resume,
@@ -154,6 +153,8 @@ struct Session<S> {
     resync_at: Option<tokio::time::Instant>,
     /// The client's `last_id` at connect.
     last_id: Option<NoteId>,
+    /// Inbox replays that failed in a row (for the retry backoff).
+    replay_failures: u32,
 }
 
 impl<S> Session<S>
@@ -241,12 +242,10 @@ where
     /// Handles one client message. `Err` ends the session with that reason.
     async fn on_message(&mut self, message: Message) -> Result<(), CloseReason> {
         match message {
-            Message::Text(text) => {
-                self.take_token()?;
-                self.on_text(&text).await
-            }
+            // Every frame, of any kind, was counted against the frame budget as it arrived
+            // ([`Metered`]).
+            Message::Text(text) => self.on_text(&text).await,
             Message::Binary(_) => {
-                self.take_token()?;
                 self.reply_error(ErrorCode::Unsupported, "binary frames are not part of the protocol").await
             }
             // tungstenite answers pings itself; any frame counts as a sign of life.
@@ -289,6 +288,11 @@ where
             }
             let topic: Arc<str> = topic.as_str().into();
             let channel = self.ctx.names.topic(&topic);
+            // Settings validation rules this out; kept so that no grant and no setting change
+            // can ever subscribe a session to another user's channel.
+            if matches!(self.ctx.names.parse(&channel), Some(ChannelKind::User(_))) {
+                return self.reply_error(ErrorCode::NotAllowed, "channel is a user's channel").await;
+            }
             self.ctx.hub.join(&channel, Some(&topic), &self.subscriber);
             self.ctx.hub.wait_live(&channel, self.ctx.subscribe_wait).await;
             self.topics.push((channel, topic));
@@ -299,11 +303,6 @@ where
     async fn reply_error(&mut self, code: ErrorCode, message: impl Into<String>) -> Result<(), CloseReason> {
         metrics::counter!(m::CLIENT_ERRORS, "code" => code.label()).increment(1);
         self.send(&ServerFrame::error(code, message)).await
-    }
-
-    /// One client frame costs one token; an empty bucket closes the session.
-    fn take_token(&mut self) -> Result<(), CloseReason> {
-        if self.bucket.take(self.ctx.frames_per_second) { Ok(()) } else { Err(CloseReason::RateLimited) }
     }
 
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), CloseReason> {
@@ -393,18 +392,47 @@ where
         Ok(())
     }
 
-    /// Sends a close frame (best effort, bounded) and lets the socket go.
+    /// Sends a close frame (best effort, bounded), then lingers so the client can read it.
     async fn close(&mut self, reason: CloseReason) {
         if matches!(reason, CloseReason::WriteFailed | CloseReason::Gone) {
             return; // nobody to tell, or no way to: a close frame would only wait
         }
         let frame = CloseFrame { code: CloseCode::from(reason.code()), reason: Utf8Bytes::from(reason.text()) };
-        let _ = timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
+        if !matches!(timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await, Ok(Ok(()))) {
+            return;
+        }
+        linger(self.ws.get_mut()).await;
+    }
+}
+
+/// How long a closed session keeps reading (and discarding) what the client still sends, and
+/// how much of it at most.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// After the close frame: half-close the socket (the client reads the close frame, then the
+/// end of the stream), then read and discard until the client closes too, for at most
+/// [`LINGER`] and [`LINGER_BYTES`]. Dropping a socket with unread input makes the kernel send a
+/// reset, and a reset can destroy the close frame before the client has read it: a flooding
+/// client would see "connection reset" instead of 4003.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+    let deadline = tokio::time::Instant::now() + LINGER;
+    if !matches!(tokio::time::timeout_at(deadline, io.shutdown()).await, Ok(Ok(()))) {
+        return;
+    }
+    let mut scratch = [0u8; 1024];
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, io.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => discarded += n,
+            _ => return,
+        }
     }
 }
 
 fn read_error(error: &WsError) -> CloseReason {
     match error {
+        WsError::Io(e) if FrameFlood::is(e) => CloseReason::RateLimited,
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::MessageTooBig,
         // The peer went away without a close handshake: not a protocol mistake of the client's.
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::Gone,
