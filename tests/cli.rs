@@ -56,6 +56,27 @@ fn config_prints_the_effective_settings_with_secrets_redacted() {
     assert!(text.contains("public_addr = \"127.0.0.1:9501\""), "{text}");
     assert!(!text.contains(SECRET) && !text.contains(API_KEY), "{text}");
     assert!(text.contains("<redacted>"));
+
+    // Every Redis URL form hides its password.
+    for url in ["redis+unix:///run/redis.sock?db=1&pass=hunter2", "rediss://default:hunter2@redis:6380"] {
+        let out = pushnode().env("PUSHNODE__BROKER__REDIS_URL", url).arg("config").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains("hunter2") && text.contains("<redacted>"), "{text}");
+    }
+}
+
+#[test]
+fn an_all_digit_secret_from_the_environment_signs_as_written() {
+    let digits = "01234567890123456789012345678901234";
+    let out = pushnode().env("PUSHNODE__AUTH__JWT_SECRET", digits).args(["token", "--user", "9"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap();
+    let auth = pushnode::auth::Authenticator::new(&pushnode::settings::Auth {
+        jwt_secret: digits.into(),
+        ..Default::default()
+    });
+    assert_eq!(auth.verify(token.trim()).unwrap().user.as_ref(), "9");
 }
 
 #[test]

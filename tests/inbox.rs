@@ -17,16 +17,6 @@ async fn persist(node: &TestNode, user: &str, data: Value) -> String {
     body["id"].as_str().unwrap().to_owned()
 }
 
-async fn get_json(node: &TestNode, path: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .get(format!("http://{}{path}", node.internal))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
-}
-
 /// Connects `user` (resuming after `last_id` if given) and returns the client and its welcome.
 async fn connect(node: &TestNode, user: &str, last_id: Option<&str>) -> (Client, Value) {
     let mut query = format!("token={}", node.token(user));
@@ -94,9 +84,9 @@ async fn reading_on_one_device_updates_the_badge_on_every_node() {
     for device in [&mut phone, &mut laptop] {
         assert_eq!(device.next_json().await, json!({ "type": "unread", "unread": 1 }));
     }
-    let (status, body) = get_json(&a, "/api/users/9/unread").await;
+    let (status, body) = a.get_json("/api/users/9/unread").await;
     assert_eq!((status, body["unread"].as_u64()), (200, Some(1)));
-    let (_, list) = get_json(&b, "/api/users/9/notifications?unread=true").await;
+    let (_, list) = b.get_json("/api/users/9/notifications?unread=true").await;
     let unread: Vec<&str> =
         list["notifications"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
     assert_eq!(unread, vec![second.as_str()]);
@@ -262,7 +252,7 @@ async fn an_application_with_only_a_redis_client_persists_and_publishes_with_one
         ])
         .unwrap();
     client.expect_silence(Duration::from_millis(300)).await;
-    let (_, body) = get_json(&node, "/api/users/42/unread").await;
+    let (_, body) = node.get_json("/api/users/42/unread").await;
     assert_eq!(body["unread"], 1);
 }
 
@@ -270,11 +260,11 @@ async fn retention_and_idempotency_hold(node: &TestNode) {
     for i in 0..8 {
         persist(node, "ret", json!(i)).await;
     }
-    let (_, list) = get_json(node, "/api/users/ret/notifications").await;
+    let (_, list) = node.get_json("/api/users/ret/notifications").await;
     let kept: Vec<u64> =
         list["notifications"].as_array().unwrap().iter().map(|n| n["data"].as_u64().unwrap()).collect();
     assert_eq!(kept, vec![3, 4, 5, 6, 7], "the oldest go first");
-    let (_, unread) = get_json(node, "/api/users/ret/unread").await;
+    let (_, unread) = node.get_json("/api/users/ret/unread").await;
     assert_eq!(unread["unread"], 5, "the count follows the trimmed inbox");
 
     let body = json!({ "user": "idem", "persist": true, "idempotency_key": "order-1", "data": 1 });
@@ -283,7 +273,7 @@ async fn retention_and_idempotency_hold(node: &TestNode) {
     assert_eq!(first["notifications"][0]["duplicate"], false);
     assert_eq!(again["notifications"][0]["duplicate"], true);
     assert_eq!(first["id"], again["id"]);
-    let (_, unread) = get_json(node, "/api/users/idem/unread").await;
+    let (_, unread) = node.get_json("/api/users/idem/unread").await;
     assert_eq!(unread["unread"], 1);
 }
 
@@ -346,8 +336,8 @@ async fn racing_publishes_and_reads_keep_the_count_equal_to_the_inbox() {
     for task in tasks {
         task.await.unwrap();
     }
-    let (_, unread) = get_json(&node, "/api/users/race/unread").await;
-    let (_, list) = get_json(&node, "/api/users/race/notifications?unread=true&limit=500").await;
+    let (_, unread) = node.get_json("/api/users/race/unread").await;
+    let (_, list) = node.get_json("/api/users/race/notifications?unread=true&limit=500").await;
     let listed = list["notifications"].as_array().unwrap().len() as u64;
     assert_eq!(unread["unread"].as_u64(), Some(listed));
     let zcard: u64 = redis.cli(&["ZCARD", "pushnode:inbox:{race}:unread"]).unwrap().parse().unwrap();
@@ -361,16 +351,16 @@ async fn the_rest_api_pages_and_refuses_bad_input() {
     for i in 0..5 {
         ids.push(persist(&node, "p", json!(i)).await);
     }
-    let (_, page1) = get_json(&node, "/api/users/p/notifications?limit=2").await;
+    let (_, page1) = node.get_json("/api/users/p/notifications?limit=2").await;
     assert_eq!(page1["notifications"].as_array().unwrap().len(), 2);
     let next = page1["next"].as_str().unwrap();
     assert_eq!(next, ids[1]);
-    let (_, page2) = get_json(&node, &format!("/api/users/p/notifications?limit=2&after={next}")).await;
+    let (_, page2) = node.get_json(&format!("/api/users/p/notifications?limit=2&after={next}")).await;
     assert_eq!(page2["notifications"][0]["id"], ids[2].as_str());
 
-    assert_eq!(get_json(&node, "/api/users/p/notifications?after=nope").await.0, 400);
-    assert_eq!(get_json(&node, "/api/users/p/notifications?limit=0").await.0, 400);
-    assert_eq!(get_json(&node, "/api/users/bad%20user/unread").await.0, 400);
+    assert_eq!(node.get_json("/api/users/p/notifications?after=nope").await.0, 400);
+    assert_eq!(node.get_json("/api/users/p/notifications?limit=0").await.0, 400);
+    assert_eq!(node.get_json("/api/users/bad%20user/unread").await.0, 400);
     let (status, body) = node.post("/api/users/p/read", Some(API_KEY), json!({ "ids": ["x"] }).to_string()).await;
     assert_eq!((status, body["field"].as_str()), (400, Some("ids[0]")));
     let (status, _) =

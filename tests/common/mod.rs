@@ -93,6 +93,18 @@ impl TestNode {
         let mut settings = settings();
         change(&mut settings);
         settings.validate().unwrap();
+        Self::launch(settings)
+    }
+
+    /// A node on settings that skip validation (the library entry point takes them as given):
+    /// for the defences that stand behind validation.
+    pub async fn unvalidated(change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = settings();
+        change(&mut settings);
+        Self::launch(settings)
+    }
+
+    fn launch(settings: Settings) -> Self {
         let listeners = Listeners::bind(&settings).unwrap();
         let public = listeners.public_addr().unwrap();
         let internal = listeners.internal_addr().unwrap();
@@ -119,6 +131,15 @@ impl TestNode {
 
     pub fn token_with(&self, user: &str, channels: &[&str]) -> String {
         self.auth.issue(user, Duration::from_secs(300), channels.iter().map(|c| c.to_string()).collect()).unwrap()
+    }
+
+    /// The broker channel of `user`'s notifications on this node.
+    pub fn names_user(&self, user: &str) -> String {
+        let broker = &self.settings.broker;
+        let cluster = broker.kind == pushnode::settings::BrokerKind::RedisCluster;
+        pushnode::channel::ChannelNames::new(&broker.user_channel, &broker.topic_channel, cluster)
+            .user(user)
+            .to_string()
     }
 
     pub fn ws_url(&self, query: &str) -> String {
@@ -153,7 +174,11 @@ impl TestNode {
     }
 
     pub async fn post(&self, path: &str, key: Option<&str>, body: String) -> (u16, Value) {
-        let mut request = self.http.post(format!("http://{}{path}", self.internal)).body(body);
+        let mut request = self
+            .http
+            .post(format!("http://{}{path}", self.internal))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         if let Some(key) = key {
             request = request.bearer_auth(key);
         }
@@ -174,6 +199,13 @@ impl TestNode {
             assert!(tokio::time::Instant::now() < deadline, "/readyz stayed {now}: {body}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// `GET` on the internal listener with the API key, answered with JSON.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response =
+            self.http.get(format!("http://{}{path}", self.internal)).bearer_auth(API_KEY).send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
@@ -351,6 +383,11 @@ impl RawClient {
             }
         }
         panic!("stream ended without close frame");
+    }
+
+    /// Writes bytes as they are (hand-built frames).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
     }
 
     /// Sends a frame; `masked` false breaks RFC 6455 on purpose.
