@@ -193,7 +193,8 @@ pub struct Limits {
     /// taken, the oldest one open for more than 250 ms is closed to make room, so a flood of
     /// silent sockets cannot lock clients out.
     pub max_pending_connections: usize,
-    /// Connections on the internal listener (API, probes, scrapes), with the same rule.
+    /// Connections on the internal listener (API, probes, scrapes), with the same rule. Raise
+    /// it if the application keeps more connections open to the API than this.
     pub max_internal_connections: usize,
     /// Sessions per user on one node; upgrades above it get HTTP 429.
     pub max_connections_per_user: usize,
