@@ -46,6 +46,7 @@ until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
 
 urls=()
 node_pids=()
+internals=()
 for ((i = 0; i < nodes; i++)); do
   public=$(free_port); internal=$(free_port)
   PUSHNODE__SERVER__PUBLIC_ADDR=127.0.0.1:$public \
@@ -60,7 +61,7 @@ for ((i = 0; i < nodes; i++)); do
   PUSHNODE__LOG__FILTER=warn \
   TOKIO_WORKER_THREADS=${NODE_WORKERS:-2} \
     "$bin/pushnode" serve >"$out/node$i.log" 2>&1 &
-  pids+=($!); node_pids+=($!)
+  pids+=($!); node_pids+=($!); internals+=("$internal")
   urls+=(--url "ws://127.0.0.1:$public/ws" --api-url "http://127.0.0.1:$internal")
   until curl -sf "http://127.0.0.1:$internal/readyz" >/dev/null; do sleep 0.05; done
 done
@@ -89,9 +90,17 @@ done
 status=0
 for p in "${gen_pids[@]}"; do wait "$p" || status=1; done
 rss_after=$(rss)
+# What the nodes refused or dropped on the way (connections evicted or timed out before their
+# upgrade, failed accepts, rejected upgrades): a run that shows any deserves a look.
+for ((i = 0; i < nodes; i++)); do
+  curl -sf "http://127.0.0.1:${internals[$i]}/metrics" >"$out/node$i.metrics" || true
+done
 {
   for ((g = 0; g < generators; g++)); do echo "--- generator $g"; cat "$out/generator$g.txt"; done
   echo "--- nodes: $nodes, RSS $rss_before KiB before, $rss_after KiB at the end"
   echo "--- nodes' RSS every 30 s:"; cat "$out/rss.log"
+  echo "--- nodes' refusals (non-zero counters):"
+  cat "$out"/node*.metrics 2>/dev/null |
+    grep -E '^pushnode_(http_connections_dropped|accept_errors|connections_rejected)_total' | grep -v ' 0$' || echo "none"
 } | tee "$out/summary.txt"
 exit $status

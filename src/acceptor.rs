@@ -7,11 +7,14 @@
 //!   kept-alive one is closed after `server.keepalive_timeout` without a request (hyper's own
 //!   timer, which also bounds every later request head); request heads are at most
 //!   [`MAX_HEAD_BYTES`];
-//! - when the pool is full, the oldest connection that is waiting for a request (not serving
-//!   one) and has been open for at least [`EVICT_MIN_AGE`] is closed to make room; if there is
-//!   none, accepting pauses (the kernel's backlog holds newcomers) until a place frees. Silent
-//!   sockets therefore cost a bounded number of descriptors and cannot lock clients out, while
-//!   a burst of real clients, each answered within milliseconds, is not evicted;
+//! - when the pool is full, the oldest connection that has been *idle* for at least
+//!   [`EVICT_MIN_AGE`] is closed to make room; if there is none, accepting pauses (the kernel's
+//!   backlog holds newcomers) until a place frees or one has been idle long enough. Idle means:
+//!   the node has read from it and is waiting for the client (no request head yet, or between
+//!   kept-alive requests), not serving a request. A connection not yet read from is never
+//!   idle: in a connect storm the node may take a while to get to each one, but a real client
+//!   has sent its request by then, so it is served, not evicted. Silent and slow sockets
+//!   therefore cost a bounded number of descriptors and cannot lock clients out;
 //! - `accept` failing for lack of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`,
 //!   `ENOMEM`) backs off from 10 ms to 1 s instead of spinning, and is counted.
 //!
@@ -47,6 +50,9 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// A connection younger than this is never evicted: a real client sends its request within
 /// milliseconds of connecting, so eviction only ever hits sockets that hold a place unused.
 pub const EVICT_MIN_AGE: Duration = Duration::from_millis(250);
+/// While the pool is full and no connection is idle enough to evict, look again this often:
+/// connections the node has not read from yet may turn idle meanwhile.
+const EVICT_RECHECK: Duration = Duration::from_millis(100);
 /// Backoff bounds after `accept` fails for lack of resources.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -118,12 +124,11 @@ async fn make_room(pool: &Arc<Pool>, name: &'static str, stop: &CancellationToke
                 metrics::counter!(m::HTTP_CONNECTIONS_DROPPED, "listener" => name, "reason" => "evicted").increment(1);
                 None
             }
-            Eviction::TooYoung(at) => Some(at),
-            Eviction::NoneIdle => None,
+            Eviction::NotYet(at) => Some(at),
         };
         tokio::select! {
             permit = pool.permits.clone().acquire_owned() => return permit.ok(),
-            () = async { if let Some(at) = retry_at { sleep_until(at).await } else { std::future::pending().await } } => {}
+            () = async { if let Some(at) = retry_at { sleep_until(at).await } } => {}
             () = stop.cancelled() => return None,
         }
     }
@@ -142,7 +147,8 @@ async fn connection(stream: TcpStream, router: Router, limits: Limits, place: Pl
         // shorter header deadline below applies too) and between kept-alive requests.
         .header_read_timeout(limits.keepalive_timeout)
         .max_buf_size(MAX_HEAD_BYTES);
-    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let io = Watched { stream, first_read: Some(state.clone()) };
+    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let first_head = sleep(limits.header_timeout);
     let mut first_head = std::pin::pin!(first_head);
@@ -192,20 +198,109 @@ impl Drop for Place {
     }
 }
 
-/// What the pool and the connection's service share about one connection.
-#[derive(Debug, Default)]
+/// What the pool, the connection's socket and its service share about one connection.
+#[derive(Debug)]
 struct ConnState {
+    /// When the connection last became idle, in microseconds since the pool's epoch; [`BUSY`]
+    /// while it has not been read from yet or is serving a request.
+    idle_since: AtomicU64,
     /// A request head arrived (the first-head deadline no longer applies).
     seen: AtomicBool,
-    /// A request is being served: such a connection is not evicted.
-    busy: AtomicBool,
     /// Cancelled to evict the connection.
     evict: CancellationToken,
+    epoch: Instant,
+}
+
+/// `idle_since` of a connection that is not idle.
+const BUSY: u64 = u64::MAX;
+
+impl ConnState {
+    fn new(epoch: Instant) -> Self {
+        Self { idle_since: AtomicU64::new(BUSY), seen: AtomicBool::new(false), evict: CancellationToken::new(), epoch }
+    }
+
+    fn set_idle(&self) {
+        let now = Instant::now().saturating_duration_since(self.epoch).as_micros() as u64;
+        self.idle_since.store(now, Ordering::Release);
+    }
+
+    fn set_busy(&self) {
+        self.idle_since.store(BUSY, Ordering::Release);
+    }
+
+    /// When this connection may be evicted, if it is idle.
+    fn evictable_at(&self) -> Option<Instant> {
+        match self.idle_since.load(Ordering::Acquire) {
+            BUSY => None,
+            since => Some(self.epoch + Duration::from_micros(since) + EVICT_MIN_AGE),
+        }
+    }
+}
+
+/// The socket as hyper reads it: the first read marks the connection idle (from then on the
+/// node waits for the client). The mark is given up after that, so an upgraded WebSocket
+/// keeps no reference to the pool.
+struct Watched {
+    stream: TcpStream,
+    first_read: Option<Arc<ConnState>>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(state) = self.first_read.take() {
+            // Before the read: if the head is already there, the service call that follows in
+            // this same poll marks it busy again.
+            state.set_idle();
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// The connections of one listener, oldest first.
 struct Pool {
     permits: Arc<Semaphore>,
+    /// Time base of [`ConnState::idle_since`].
+    epoch: Instant,
     entries: Mutex<VecDeque<Entry>>,
     next_id: AtomicU64,
     /// Connections open in the pool.
@@ -214,16 +309,13 @@ struct Pool {
 
 struct Entry {
     id: u64,
-    opened: Instant,
     state: Arc<ConnState>,
 }
 
 enum Eviction {
     Evicted,
-    /// The oldest idle connection may be evicted at this instant.
-    TooYoung(Instant),
-    /// Every connection is serving a request.
-    NoneIdle,
+    /// Nobody may be evicted yet; look again at this instant.
+    NotYet(Instant),
 }
 
 impl Pool {
@@ -231,6 +323,7 @@ impl Pool {
         gauge.set(0.0);
         Self {
             permits: Arc::new(Semaphore::new(max)),
+            epoch: Instant::now(),
             entries: Mutex::new(VecDeque::with_capacity(max.min(1024))),
             next_id: AtomicU64::new(0),
             gauge,
@@ -244,9 +337,9 @@ impl Pool {
 
     fn enter(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Place {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState::new(self.epoch));
         let mut entries = self.entries();
-        entries.push_back(Entry { id, opened: Instant::now(), state: state.clone() });
+        entries.push_back(Entry { id, state: state.clone() });
         self.record(entries.len());
         drop(entries);
         Place { pool: self.clone(), id, state, _permit: permit }
@@ -261,15 +354,23 @@ impl Pool {
         self.record(entries.len());
     }
 
+    /// Evicts the oldest connection (by arrival) that has been idle for [`EVICT_MIN_AGE`].
     fn evict_oldest_idle(&self) -> Eviction {
+        let now = Instant::now();
         let mut entries = self.entries();
-        let Some(i) = entries.iter().position(|e| !e.state.busy.load(Ordering::Acquire)) else {
-            return Eviction::NoneIdle;
-        };
-        let evict_at = entries[i].opened + EVICT_MIN_AGE;
-        if Instant::now() < evict_at {
-            return Eviction::TooYoung(evict_at);
+        let mut next_look = now + EVICT_RECHECK;
+        let mut chosen = None;
+        for (i, entry) in entries.iter().enumerate() {
+            match entry.state.evictable_at() {
+                Some(at) if at <= now => {
+                    chosen = Some(i);
+                    break;
+                }
+                Some(at) => next_look = next_look.min(at),
+                None => {}
+            }
         }
+        let Some(i) = chosen else { return Eviction::NotYet(next_look) };
         // Out of the list at once, so the next eviction picks another; its permit comes back
         // when its task has let the socket go.
         if let Some(entry) = entries.remove(i) {
@@ -298,13 +399,66 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
 
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
         self.state.seen.store(true, Ordering::Release);
-        self.state.busy.store(true, Ordering::Release);
+        self.state.set_busy();
         let response = self.inner.call(request.map(Body::new));
         let state = self.state.clone();
         Box::pin(async move {
             let response = response.await;
-            state.busy.store(false, Ordering::Release);
+            // Waiting for the client again (the next request of a kept-alive connection).
+            state.set_idle();
             response
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(max: usize) -> Arc<Pool> {
+        Arc::new(Pool::new(max, metrics::Gauge::noop()))
+    }
+
+    fn place(pool: &Arc<Pool>) -> Place {
+        pool.enter(pool.permits.clone().try_acquire_owned().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_connections_idle_long_enough_are_evicted_oldest_first() {
+        let pool = pool(3);
+        let (unread, waiting, serving) = (place(&pool), place(&pool), place(&pool));
+        // Not read from yet (a connect storm the node has not got to): never evicted.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(matches!(pool.evict_oldest_idle(), Eviction::NotYet(_)));
+        // Read from, then waiting for the client: evictable once idle for EVICT_MIN_AGE.
+        waiting.state.set_idle();
+        serving.state.set_idle();
+        serving.state.set_busy();
+        let Eviction::NotYet(at) = pool.evict_oldest_idle() else { panic!("evicted too early") };
+        assert!(at > Instant::now() && at <= Instant::now() + EVICT_MIN_AGE);
+        tokio::time::advance(EVICT_MIN_AGE - Duration::from_millis(1)).await;
+        assert!(matches!(pool.evict_oldest_idle(), Eviction::NotYet(_)));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(matches!(pool.evict_oldest_idle(), Eviction::Evicted));
+        assert!(waiting.state.evict.is_cancelled());
+        assert!(!unread.state.evict.is_cancelled() && !serving.state.evict.is_cancelled());
+        // Nobody else qualifies: the one serving a request and the one never read stay.
+        assert!(matches!(pool.evict_oldest_idle(), Eviction::NotYet(_)));
+        // Places come back when connections end.
+        drop(waiting);
+        assert_eq!(pool.permits.available_permits(), 1);
+        assert_eq!(pool.entries().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn among_idle_connections_the_first_to_arrive_goes_first() {
+        let pool = pool(2);
+        let (first, second) = (place(&pool), place(&pool));
+        second.state.set_idle();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        first.state.set_idle();
+        tokio::time::advance(EVICT_MIN_AGE).await;
+        assert!(matches!(pool.evict_oldest_idle(), Eviction::Evicted));
+        assert!(first.state.evict.is_cancelled() && !second.state.evict.is_cancelled());
     }
 }

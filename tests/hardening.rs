@@ -56,6 +56,23 @@ async fn silent_sockets_beyond_the_pool_neither_lock_clients_out_nor_stay_open()
 }
 
 #[tokio::test]
+async fn a_connect_burst_far_larger_than_the_pool_loses_no_client() {
+    // Eviction takes only connections the node has read from and is waiting on: real clients
+    // queued behind a burst have sent their request by the time the node gets to them.
+    let node = TestNode::with(|s| s.limits.max_pending_connections = 4).await;
+    let connects = (0..300).map(|i| {
+        let url = node.ws_url(&format!("token={}", node.token(&format!("burst{i}"))));
+        async move {
+            let mut client = Client::connect(&url).await.unwrap();
+            client.next_json().await["type"].as_str().map(str::to_owned)
+        }
+    });
+    let welcomed = futures_util::future::join_all(connects).await;
+    assert!(welcomed.iter().all(|w| w.as_deref() == Some("welcome")));
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_kept_alive_connection_is_closed_after_the_idle_deadline() {
     let node = TestNode::with(|s| s.server.keepalive_timeout = Duration::from_secs(1)).await;
     let mut stream = TcpStream::connect(node.internal).await.unwrap();
