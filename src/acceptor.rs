@@ -7,8 +7,8 @@
 //!   kept-alive one is closed after `server.keepalive_timeout` without a request (hyper's own
 //!   timer, which also bounds every later request head); request heads are at most
 //!   [`MAX_HEAD_BYTES`];
-//! - when the pool is full, the oldest connection that has been *idle* for at least
-//!   [`EVICT_MIN_AGE`] is closed to make room; if there is none, accepting pauses (the kernel's
+//! - when the pool is full, the connection that has been *idle* longest, if for at least
+//!   [`EVICT_MIN_AGE`], is closed to make room; if there is none, accepting pauses (the kernel's
 //!   backlog holds newcomers) until a place frees or one has been idle long enough. Idle means:
 //!   the node has read from it and is waiting for the client (no request head yet, or between
 //!   kept-alive requests), not serving a request. A connection not yet read from is never
@@ -24,7 +24,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -47,9 +47,12 @@ use crate::metrics as m;
 /// Bounds a pool of silent or slow connections at `pool size * MAX_HEAD_BYTES`; a longer head
 /// gets 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// A connection younger than this is never evicted: a real client sends its request within
-/// milliseconds of connecting, so eviction only ever hits sockets that hold a place unused.
-pub const EVICT_MIN_AGE: Duration = Duration::from_millis(250);
+/// A connection must have been idle this long before it may be evicted. Well past the time a
+/// real client takes to send its request once connected, even a CPU-starved one: a load
+/// generator opening 19,000 connections at once on the node's own two cores lost 700 to 900
+/// of them to eviction at 250 ms; at 2 s, none. A naive flood of silent sockets then delays a
+/// real client by about this much.
+pub const EVICT_MIN_AGE: Duration = Duration::from_secs(2);
 /// While the pool is full and no connection is idle enough to evict, look again this often:
 /// connections the node has not read from yet may turn idle meanwhile.
 const EVICT_RECHECK: Duration = Duration::from_millis(100);
@@ -58,14 +61,26 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How one listener treats its connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// `public` or `internal`: the metrics label.
     pub name: &'static str,
     /// Connections held at once (not counting those that became WebSocket sessions).
     pub max_connections: usize,
+    /// Descriptors shared with the sessions, if any: this listener's connections plus the
+    /// sessions never exceed it.
+    pub shared: Option<Shared>,
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
+}
+
+/// A descriptor budget shared with the node's sessions.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Sessions admitted now.
+    pub sessions: Arc<AtomicUsize>,
+    /// Sessions plus connections, at most.
+    pub total: usize,
 }
 
 /// Accepts connections on `listener` and serves `router` on them until `stop`; then asks every
@@ -76,7 +91,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: 
     let connections = TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Some(permit) = make_room(&pool, limits.name, &stop).await else { break };
+        let Some(permit) = make_room(&pool, &limits, &stop).await else { break };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
@@ -85,7 +100,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: 
             Ok((stream, _)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 let place = pool.enter(permit);
-                connections.spawn(connection(stream, router.clone(), limits, place, stop.clone()));
+                connections.spawn(connection(stream, router.clone(), limits.clone(), place, stop.clone()));
             }
             Err(e) => {
                 let exhausted =
@@ -111,24 +126,31 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: 
     connections.wait().await;
 }
 
-/// Waits for a free place in the pool, evicting the oldest idle connection if the pool is full.
-/// `None` once `stop` is cancelled.
-async fn make_room(pool: &Arc<Pool>, name: &'static str, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+/// Waits for a free place in the pool, evicting the connection idle longest if the pool (or
+/// the budget it shares with the sessions) is full. `None` once `stop` is cancelled.
+async fn make_room(pool: &Arc<Pool>, limits: &Limits, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
     loop {
-        if let Ok(permit) = pool.permits.clone().try_acquire_owned() {
+        let shared_room = limits
+            .shared
+            .as_ref()
+            .is_none_or(|shared| shared.sessions.load(Ordering::Acquire) + pool.len() < shared.total);
+        if shared_room && let Ok(permit) = pool.permits.clone().try_acquire_owned() {
             return Some(permit);
         }
-        // Full. Evict the oldest idle connection if it is old enough, else wait for it to be.
+        // Full. Evict the connection idle longest if it has been idle long enough, else wait.
         let retry_at = match pool.evict_oldest_idle() {
             Eviction::Evicted => {
-                metrics::counter!(m::HTTP_CONNECTIONS_DROPPED, "listener" => name, "reason" => "evicted").increment(1);
-                None
+                metrics::counter!(m::HTTP_CONNECTIONS_DROPPED, "listener" => limits.name, "reason" => "evicted")
+                    .increment(1);
+                // Its place comes back when its task has let the socket go.
+                Instant::now() + Duration::from_millis(1)
             }
-            Eviction::NotYet(at) => Some(at),
+            Eviction::NotYet(at) => at,
         };
         tokio::select! {
-            permit = pool.permits.clone().acquire_owned() => return permit.ok(),
-            () = async { if let Some(at) = retry_at { sleep_until(at).await } } => {}
+            // A place freed in the pool (the shared budget is looked at again above).
+            permit = pool.permits.clone().acquire_owned(), if shared_room => return permit.ok(),
+            () = sleep_until(retry_at) => {}
             () = stop.cancelled() => return None,
         }
     }
@@ -345,6 +367,10 @@ impl Pool {
         Place { pool: self.clone(), id, state, _permit: permit }
     }
 
+    fn len(&self) -> usize {
+        self.entries().len()
+    }
+
     fn leave(&self, id: u64) {
         let mut entries = self.entries();
         // Connections mostly leave in the order they came: the search is short.
@@ -354,30 +380,26 @@ impl Pool {
         self.record(entries.len());
     }
 
-    /// Evicts the oldest connection (by arrival) that has been idle for [`EVICT_MIN_AGE`].
+    /// Evicts the connection that has been idle longest, if that is at least [`EVICT_MIN_AGE`].
     fn evict_oldest_idle(&self) -> Eviction {
         let now = Instant::now();
         let mut entries = self.entries();
-        let mut next_look = now + EVICT_RECHECK;
-        let mut chosen = None;
-        for (i, entry) in entries.iter().enumerate() {
-            match entry.state.evictable_at() {
-                Some(at) if at <= now => {
-                    chosen = Some(i);
-                    break;
+        // The earliest instant at which some connection becomes evictable, and which one.
+        let longest =
+            entries.iter().enumerate().filter_map(|(i, entry)| entry.state.evictable_at().map(|at| (at, i))).min();
+        match longest {
+            Some((at, i)) if at <= now => {
+                // Out of the list at once, so the next eviction picks another; its permit
+                // comes back when its task has let the socket go.
+                if let Some(entry) = entries.remove(i) {
+                    entry.state.evict.cancel();
                 }
-                Some(at) => next_look = next_look.min(at),
-                None => {}
+                self.record(entries.len());
+                Eviction::Evicted
             }
+            Some((at, _)) => Eviction::NotYet(at.min(now + EVICT_RECHECK)),
+            None => Eviction::NotYet(now + EVICT_RECHECK),
         }
-        let Some(i) = chosen else { return Eviction::NotYet(next_look) };
-        // Out of the list at once, so the next eviction picks another; its permit comes back
-        // when its task has let the socket go.
-        if let Some(entry) = entries.remove(i) {
-            entry.state.evict.cancel();
-        }
-        self.record(entries.len());
-        Eviction::Evicted
     }
 
     fn record(&self, open: usize) {
@@ -424,7 +446,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn only_connections_idle_long_enough_are_evicted_oldest_first() {
+    async fn only_connections_idle_long_enough_are_evicted() {
         let pool = pool(3);
         let (unread, waiting, serving) = (place(&pool), place(&pool), place(&pool));
         // Not read from yet (a connect storm the node has not got to): never evicted.
@@ -451,7 +473,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn among_idle_connections_the_first_to_arrive_goes_first() {
+    async fn the_connection_idle_longest_goes_first() {
         let pool = pool(2);
         let (first, second) = (place(&pool), place(&pool));
         second.state.set_idle();
@@ -459,6 +481,6 @@ mod tests {
         first.state.set_idle();
         tokio::time::advance(EVICT_MIN_AGE).await;
         assert!(matches!(pool.evict_oldest_idle(), Eviction::Evicted));
-        assert!(first.state.evict.is_cancelled() && !second.state.evict.is_cancelled());
+        assert!(second.state.evict.is_cancelled() && !first.state.evict.is_cancelled());
     }
 }

@@ -3,10 +3,12 @@
 //! can starve another: whatever floods the public listener, there is room for sessions, the
 //! API and `/metrics`.
 //!
-//! At start the soft `RLIMIT_NOFILE` is raised to the hard limit. When the configured bounds
-//! do not fit beside [`RESERVE`], the two connection pools are cut to at most an eighth and a
-//! quarter of what is left, and sessions get the rest (`limits.max_connections` is lowered,
-//! with a warning).
+//! At start the soft `RLIMIT_NOFILE` is raised to the hard limit. After [`RESERVE`], the
+//! internal listener gets its own pool (at most an eighth of what is left); the rest is the
+//! public listener's, shared at run time: sessions plus not-yet-upgraded connections never
+//! exceed it. Sessions may take all of it but [`PENDING_FLOOR`] (`limits.max_connections` is
+//! lowered, with a warning, if it does not fit), so new connections can always be accepted
+//! and upgraded; when few sessions are open, a connect storm may use the room they leave.
 
 use tracing::{info, warn};
 
@@ -16,6 +18,9 @@ use crate::settings;
 /// connections (a cluster has one per shard, twice), the runtime's epoll and eventfds, stdio,
 /// `/proc` reads for metrics.
 pub const RESERVE: usize = 64;
+/// Public-listener descriptors sessions never take: room to accept (and upgrade, or refuse
+/// with a status) new connections when the sessions are at their limit.
+pub const PENDING_FLOOR: usize = 256;
 /// Linux caps `RLIMIT_NOFILE` at `fs.nr_open` (1,048,576 by default) even when the hard
 /// limit says unlimited.
 const NR_OPEN: u64 = 1 << 20;
@@ -27,8 +32,11 @@ pub struct FdBudget {
     pub nofile: u64,
     /// WebSocket sessions (the node's admission limit).
     pub sessions: usize,
-    /// Public listener connections that are not sessions.
+    /// Public listener connections that are not sessions, at most (`limits.max_pending_connections`,
+    /// or `public` if smaller).
     pub pending: usize,
+    /// Sessions plus public-listener connections that are not sessions, at most.
+    pub public: usize,
     /// Internal listener connections.
     pub internal: usize,
 }
@@ -50,6 +58,7 @@ impl FdBudget {
             nofile,
             sessions = budget.sessions,
             pending = budget.pending,
+            public = budget.public,
             internal = budget.internal,
             "connection budget"
         );
@@ -59,20 +68,12 @@ impl FdBudget {
     /// The bounds for a descriptor limit of `nofile`.
     pub fn size(nofile: u64, limits: &settings::Limits) -> Self {
         let available = usize::try_from(nofile).unwrap_or(usize::MAX).saturating_sub(RESERVE).max(3);
-        let wanted =
-            limits.max_connections.saturating_add(limits.max_pending_connections + limits.max_internal_connections);
-        if wanted <= available {
-            return Self {
-                nofile,
-                sessions: limits.max_connections,
-                pending: limits.max_pending_connections,
-                internal: limits.max_internal_connections,
-            };
-        }
         let internal = limits.max_internal_connections.min(available / 8).max(1);
-        let pending = limits.max_pending_connections.min(available / 4).max(1);
-        let sessions = limits.max_connections.min(available - internal - pending).max(1);
-        Self { nofile, sessions, pending, internal }
+        let public = available - internal;
+        let floor = limits.max_pending_connections.min(PENDING_FLOOR).min(public / 4).max(1);
+        let sessions = limits.max_connections.min(public - floor).max(1);
+        let pending = limits.max_pending_connections.min(public);
+        Self { nofile, sessions, pending, public, internal }
     }
 }
 
@@ -110,20 +111,24 @@ mod tests {
     fn bounds_that_fit_are_kept() {
         let limits = settings::Limits { max_connections: 1000, ..Default::default() };
         let budget = FdBudget::size(1 << 20, &limits);
-        assert_eq!((budget.sessions, budget.pending, budget.internal), (1000, 512, 128));
+        assert_eq!((budget.sessions, budget.pending, budget.internal), (1000, 4096, 128));
+        assert_eq!(budget.public, (1 << 20) - RESERVE - 128);
     }
 
     #[test]
     fn a_small_limit_shares_what_is_left_after_the_reserve() {
         let limits = settings::Limits::default();
+        // This machine's limit: 19,000 sessions per node fit beside the floor.
         let budget = FdBudget::size(20_000, &limits);
-        assert_eq!((budget.pending, budget.internal), (512, 128));
-        assert_eq!(budget.sessions, 20_000 - RESERVE - 512 - 128);
+        assert_eq!((budget.internal, budget.public), (128, 20_000 - RESERVE - 128));
+        assert_eq!(budget.sessions, budget.public - PENDING_FLOOR);
+        assert_eq!(budget.pending, 4096);
         let tiny = FdBudget::size(256, &limits);
-        assert_eq!((tiny.sessions, tiny.pending, tiny.internal), (120, 48, 24));
-        assert!(tiny.sessions + tiny.pending + tiny.internal + RESERVE <= 256);
+        assert_eq!((tiny.sessions, tiny.pending, tiny.public, tiny.internal), (126, 168, 168, 24));
+        assert!(tiny.public + tiny.internal + RESERVE <= 256);
         // Never zero, even for a nonsensical limit.
         let none = FdBudget::size(10, &limits);
         assert!(none.sessions >= 1 && none.pending >= 1 && none.internal >= 1);
+        assert!(none.sessions < none.public);
     }
 }

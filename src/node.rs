@@ -171,6 +171,12 @@ impl Node {
             .map(|_| Admission { admitted: admitted.clone() })
     }
 
+    /// The count of admitted sessions, which the public listener's pool shares its descriptor
+    /// budget with.
+    pub fn admitted(&self) -> Arc<AtomicUsize> {
+        self.inner.admitted.clone()
+    }
+
     /// Readiness: not draining, broker ready, below the connection and memory limits.
     pub fn readiness(&self) -> Vec<NotReady> {
         let mut reasons = Vec::new();

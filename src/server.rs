@@ -129,10 +129,12 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     let public_limits = acceptor::Limits {
         name: "public",
         max_connections: budget.pending,
+        shared: Some(acceptor::Shared { sessions: node.admitted(), total: budget.public }),
         header_timeout: server.header_timeout,
         keepalive_timeout: server.keepalive_timeout,
     };
-    let internal_limits = acceptor::Limits { name: "internal", max_connections: budget.internal, ..public_limits };
+    let internal_limits =
+        acceptor::Limits { name: "internal", max_connections: budget.internal, shared: None, ..public_limits.clone() };
     let public =
         tokio::spawn(acceptor::serve(listeners.public, gateway::router(node.clone()), public_limits, stop.clone()));
     let internal =

@@ -187,10 +187,12 @@ impl Default for Session {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Sessions per node; upgrades above it get HTTP 503. Lowered at start if the process's
-    /// file-descriptor limit cannot hold it beside the two connection pools below.
+    /// file-descriptor limit cannot hold it (after 64 reserved descriptors, the internal pool,
+    /// and 256 kept for accepting new connections).
     pub max_connections: usize,
-    /// Connections on the public listener that are not (yet) WebSocket sessions. When all are
-    /// taken, the oldest one open for more than 250 ms is closed to make room, so a flood of
+    /// Connections on the public listener that are not (yet) WebSocket sessions; with the
+    /// sessions, never more than the descriptors left for the public listener. When all are
+    /// taken, the one idle longest (for 2 s or more) is closed to make room, so a flood of
     /// silent sockets cannot lock clients out.
     pub max_pending_connections: usize,
     /// Connections on the internal listener (API, probes, scrapes), with the same rule. Raise
@@ -218,7 +220,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 50_000,
-            max_pending_connections: 512,
+            max_pending_connections: 4096,
             max_internal_connections: 128,
             max_connections_per_user: 32,
             max_frame_bytes: 4096,
