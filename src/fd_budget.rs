@@ -47,12 +47,17 @@ impl FdBudget {
         let nofile = raise_nofile();
         let budget = Self::size(nofile, limits);
         if budget.sessions < limits.max_connections {
-            warn!(
-                configured = limits.max_connections,
-                admitted = budget.sessions,
-                nofile,
-                "limits.max_connections lowered to fit the file-descriptor limit"
-            );
+            // A warning when the operator asked for more; the default is only a ceiling.
+            if limits.max_connections == settings::Limits::default().max_connections {
+                info!(admitted = budget.sessions, nofile, "sessions limited by the file-descriptor limit");
+            } else {
+                warn!(
+                    configured = limits.max_connections,
+                    admitted = budget.sessions,
+                    nofile,
+                    "limits.max_connections lowered to fit the file-descriptor limit"
+                );
+            }
         }
         info!(
             nofile,
