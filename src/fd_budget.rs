@@ -7,7 +7,7 @@
 //! internal listener gets its own pool (at most an eighth of what is left); the rest is the
 //! public listener's, shared at run time: sessions plus not-yet-upgraded connections never
 //! exceed it. Sessions may take all of it but [`PENDING_FLOOR`] (`limits.max_connections` is
-//! lowered, with a warning, if it does not fit), so new connections can always be accepted
+//! lowered, and logged, if it does not fit), so new connections can always be accepted
 //! and upgraded; when few sessions are open, a connect storm may use the room they leave.
 
 use tracing::{info, warn};
