@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pushnode::auth::Authenticator;
-use pushnode::hub::{Hub, Subscriber};
+use pushnode::hub::{Hub, LocalSession, Registration};
 use pushnode::outbox::Outbox;
 use pushnode::protocol::{Delivery, Envelope, Format};
 use serde_json::value::RawValue;
@@ -26,16 +26,13 @@ fn fanout(c: &mut Criterion) {
     for sessions in [1usize, 1_000, 10_000] {
         let hub = Hub::new("bench", false);
         let channel: Arc<str> = "pushnode:topic:all".into();
-        let subscribers: Vec<Arc<Subscriber>> = (0..sessions)
+        let registrations: Vec<Registration> = (0..sessions)
             .map(|i| {
-                let s = Arc::new(Subscriber::new(
-                    hub.next_session_id(),
-                    format!("u{i}").into(),
-                    Format::Json,
-                    Outbox::new(1024),
-                ));
-                hub.join(&channel, Some(&"all".into()), &s);
-                s
+                let s =
+                    LocalSession::new(hub.next_session_id(), format!("u{i}").into(), Format::Json, Outbox::new(1024));
+                let mut registration = hub.register(Arc::new(s), 1).expect("one session per user");
+                registration.join(channel.clone(), Some("all".into()));
+                registration
             })
             .collect();
         let mut batch = Vec::new();
@@ -43,7 +40,7 @@ fn fanout(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(sessions), &sessions, |b, _| {
             b.iter(|| {
                 let fanout = hub.deliver(&channel, &payload);
-                for s in &subscribers {
+                for s in &registrations {
                     s.outbox.drain_into(&mut batch);
                     batch.clear();
                 }
@@ -51,6 +48,46 @@ fn fanout(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+}
+
+/// 10,000 sessions of one channel leave it, in a shuffled order (as a drain or a mass
+/// disconnect does): the cost of membership removal under the channel's map shard lock.
+fn leave(c: &mut Criterion) {
+    const SESSIONS: usize = 10_000;
+    let mut group = c.benchmark_group("hub_leave");
+    group.throughput(Throughput::Elements(SESSIONS as u64));
+    group.bench_function(BenchmarkId::from_parameter(SESSIONS), |b| {
+        b.iter_batched(
+            || {
+                let hub = Hub::new("bench", false);
+                let channel: Arc<str> = "pushnode:topic:all".into();
+                let mut registrations: Vec<Registration> = (0..SESSIONS)
+                    .map(|i| {
+                        let s = LocalSession::new(
+                            hub.next_session_id(),
+                            format!("u{i}").into(),
+                            Format::Json,
+                            Outbox::new(16),
+                        );
+                        let mut registration = hub.register(Arc::new(s), 1).expect("one session per user");
+                        registration.join(channel.clone(), Some("all".into()));
+                        registration
+                    })
+                    .collect();
+                fastrand::Rng::with_seed(7).shuffle(&mut registrations);
+                (channel, registrations)
+            },
+            |(channel, mut registrations)| {
+                for registration in &mut registrations {
+                    registration.leave(&channel);
+                }
+                // Dropped outside the measurement: unregistering is not leaving.
+                registrations
+            },
+            BatchSize::LargeInput,
+        )
+    });
     group.finish();
 }
 
@@ -80,5 +117,5 @@ fn tokens(c: &mut Criterion) {
     c.bench_function("token_verify", |b| b.iter(|| auth.verify(&token).expect("valid")));
 }
 
-criterion_group!(benches, fanout, encoding, tokens);
+criterion_group!(benches, fanout, leave, encoding, tokens);
 criterion_main!(benches);

@@ -13,6 +13,7 @@ use pushnode::broker::Broker;
 use pushnode::channel::ChannelNames;
 use pushnode::hub::Hub;
 use pushnode::inbox::{Inbox, ReadScope};
+use pushnode::redis_link::RedisLink;
 use pushnode::settings::{BrokerKind, Settings};
 use serde_json::value::RawValue;
 use tokio::runtime::Runtime;
@@ -32,17 +33,19 @@ struct Bench {
 impl Bench {
     fn new(settings: &Settings) -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let hub = Hub::new("bench", Broker::tracks_interest(settings.broker.kind));
+        let link = RedisLink::from_settings(&settings.broker).expect("broker settings");
+        let hub = Hub::new("bench", link.is_some());
         let names = ChannelNames::new(
             &settings.broker.user_channel,
             &settings.broker.topic_channel,
-            settings.broker.kind == BrokerKind::RedisCluster,
+            link.as_ref().is_some_and(RedisLink::is_cluster),
         );
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let inbox = runtime.block_on(async {
-            let broker = Broker::start(&settings.broker, hub.clone(), &tracker, stop.clone()).expect("broker");
-            let inbox = Inbox::new(&settings.inbox, &broker, hub, names);
+            // The broker's subscriber advances the link's epoch, which loads the inbox functions.
+            Broker::start(&settings.broker, link.clone(), hub.subscriptions(), &tracker, stop.clone());
+            let inbox = Inbox::new(&settings.inbox, link, hub, names);
             tracker.spawn(inbox.clone().run(stop.clone()));
             inbox
         });

@@ -24,8 +24,8 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -323,7 +323,7 @@ struct Pool {
     permits: Arc<Semaphore>,
     /// Time base of [`ConnState::idle_since`].
     epoch: Instant,
-    entries: Mutex<VecDeque<Entry>>,
+    entries: parking_lot::Mutex<VecDeque<Entry>>,
     next_id: AtomicU64,
     /// Connections open in the pool.
     gauge: metrics::Gauge,
@@ -346,15 +346,14 @@ impl Pool {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             epoch: Instant::now(),
-            entries: Mutex::new(VecDeque::with_capacity(max.min(1024))),
+            entries: parking_lot::Mutex::new(VecDeque::with_capacity(max.min(1024))),
             next_id: AtomicU64::new(0),
             gauge,
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
-        // The critical sections cannot panic half-way; a poisoned lock still holds a valid list.
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    fn entries(&self) -> parking_lot::MutexGuard<'_, VecDeque<Entry>> {
+        self.entries.lock()
     }
 
     fn enter(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Place {

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::channel::{ChannelKind, NAME_RULE, valid_name};
-use crate::inbox::{InboxError, ReadScope};
+use crate::inbox::{InboxError, ReadScope, ScopeError};
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{Envelope, NoteId, json};
@@ -80,22 +80,28 @@ async fn require_api_key(State(node): State<Node>, req: Request, next: Next) -> 
     }
 }
 
-/// `POST /api/publish` body: exactly one of `user`, `users`, `channel`, plus `data`.
-#[derive(Debug, Deserialize)]
+/// `POST /api/publish` body: exactly one of `user`, `users`, `channel`, plus `data`. The
+/// `pushnode publish` command sends this type too, so the two cannot drift apart.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub users: Option<Vec<String>>,
     /// A topic channel name.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
     /// Any JSON; delivered as is.
     pub data: Box<RawValue>,
     /// Optional event name, carried in the notification frame.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
     /// Keep it in each user's inbox until read (user targets only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub persist: bool,
     /// With `persist`: a retried publish with the same key notifies each user once.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
 }
 
@@ -278,20 +284,11 @@ async fn read(State(node): State<Node>, Path(user): Path<String>, req: Request) 
     let body = read_json_body(&node, req).await?;
     let request: ReadRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?;
-    let scope = match (request.ids, request.up_to, request.all) {
-        (Some(ids), None, false) if !ids.is_empty() => {
-            let mut parsed = Vec::with_capacity(ids.len());
-            for (i, id) in ids.iter().enumerate() {
-                parsed.push(id.parse().map_err(|()| ApiError::field(format!("ids[{i}]"), "must be <ms>-<seq>"))?);
-            }
-            ReadScope::Ids(parsed)
-        }
-        (None, Some(up_to), false) => {
-            ReadScope::UpTo(up_to.parse().map_err(|()| ApiError::field("up_to", "must be <ms>-<seq>"))?)
-        }
-        (None, None, true) => ReadScope::All,
-        _ => return Err(ApiError::field("ids", "give exactly one of ids (non-empty), up_to, all: true")),
-    };
+    let scope =
+        ReadScope::parse(request.ids.as_deref(), request.up_to.as_deref(), request.all).map_err(|e| match e {
+            ScopeError::BadId { field } => ApiError::field(field, "must be <ms>-<seq>"),
+            ScopeError::NotOne => ApiError::field("ids", e.to_string()),
+        })?;
     let unread = node.inbox().mark_read(&user, &scope).await.map_err(unavailable)?;
     Ok(Json(json!({ "unread": unread })))
 }

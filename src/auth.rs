@@ -63,7 +63,7 @@ pub enum AuthError {
     NotYetValid,
     #[error("invalid token: {0}")]
     InvalidToken(&'static str),
-    #[error("invalid user id: 1 to 128 of A-Z a-z 0-9 _ - . : @ =")]
+    #[error("invalid user id: {}", crate::channel::NAME_RULE)]
     BadUser,
     #[error("origin not allowed")]
     OriginNotAllowed,

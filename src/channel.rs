@@ -7,8 +7,16 @@
 
 use std::sync::Arc;
 
+/// The name length limit, as a literal so [`NAME_RULE`]'s wording is built from it at compile
+/// time.
+macro_rules! max_name_len {
+    () => {
+        128
+    };
+}
+
 /// Longest user id or topic name accepted, in bytes.
-pub const MAX_NAME_LEN: usize = 128;
+pub const MAX_NAME_LEN: usize = max_name_len!();
 
 /// What a broker channel carries: one user's notifications, or a topic's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +156,8 @@ fn split_pattern(pattern: &str, placeholder: &str) -> (String, String) {
     }
 }
 
-/// User ids and topic names: 1 to 128 bytes of ASCII letters, digits and `_ - . : @ =`.
+/// User ids and topic names: 1 to [`MAX_NAME_LEN`] bytes of ASCII letters, digits and
+/// `_ - . : @ =`.
 /// Braces are excluded so that an id can never break a Redis Cluster hash tag, and `*` so a
 /// name never looks like a grant pattern.
 pub fn valid_name(name: &str) -> bool {
@@ -156,7 +165,7 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// The rule's wording for error messages, kept beside the rule.
-pub const NAME_RULE: &str = "1 to 128 of A-Z a-z 0-9 _ - . : @ =";
+pub const NAME_RULE: &str = concat!("1 to ", max_name_len!(), " of A-Z a-z 0-9 _ - . : @ =");
 
 fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'=')

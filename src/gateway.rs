@@ -4,6 +4,12 @@
 //! Every check happens before the 101: draining (503), origin (403), authentication (401), the
 //! node's connection limit (503) and the user's (429). Only then is the connection upgraded
 //! and handed to a [`session`](crate::session) task on the node's tracker.
+//!
+//! The upgrade is written here rather than taken from axum's `WebSocketUpgrade` for three
+//! reasons: the session task must be spawned on the node's `TaskTracker` (axum spawns the
+//! upgraded connection where graceful shutdown cannot wait for it); the stream needs our
+//! frame meter ([`session::Metered`]) underneath tungstenite; and the task's future must stay
+//! small, since every idle connection pays its size.
 
 use std::time::{Duration, Instant};
 
@@ -146,8 +152,13 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
     let on_upgrade = hyper::upgrade::on(&mut req);
     // Boxed: what the task needs only until the session starts stays out of the task's
     // future, whose size is paid by every connection for its whole life.
-    let start =
-        Box::new(SessionStart { config: ws_config(&node), ctx: node.sessions().clone(), identity, format, last_id });
+    let start = Box::new(SessionStart {
+        config: ws_config(&node),
+        ctx: node.session_context().clone(),
+        identity,
+        format,
+        last_id,
+    });
     let frames_per_second = node.settings().limits.client_frames_per_second;
     node.tracker().spawn(async move {
         let _admission = admission;

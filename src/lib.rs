@@ -4,8 +4,9 @@
 //! receives it within milliseconds. See README.md for the picture and the guarantees, and
 //! `docs/protocol.md` for the wire protocol.
 //!
-//! Dependency direction: `server -> {api, gateway, session, broker}`; `api, gateway, session,
-//! broker -> hub -> protocol`. `protocol` and `hub` run without sockets or Redis.
+//! Dependency direction: `server -> {api, gateway, session, broker, inbox}`; `api, gateway,
+//! session, broker -> hub -> protocol`; `broker, inbox -> redis_link`. `protocol` and `hub` run
+//! without sockets or Redis. See `docs/architecture.md` for the paths through them.
 
 pub mod acceptor;
 pub mod api;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod protocol;
+pub mod redis_link;
 pub mod server;
 pub mod session;
 pub mod settings;

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use pushnode::api::PublishRequest;
 use pushnode::auth::Authenticator;
 use pushnode::{Listeners, Settings, logging};
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc: glibc's malloc spent about a tenth of the node's CPU on small per-message
@@ -138,23 +140,19 @@ async fn on_signal(shutdown: CancellationToken) {
 }
 
 fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<()> {
-    let data: serde_json::Value = serde_json::from_str(&args.data).context("DATA must be JSON")?;
-    let mut body = serde_json::json!({ "data": data });
-    match (args.user, args.users, args.channel) {
-        (Some(user), None, None) => body["user"] = user.into(),
-        (None, Some(users), None) => body["users"] = users.into(),
-        (None, None, Some(channel)) => body["channel"] = channel.into(),
-        _ => bail!("give one of --user, --users, --channel"),
+    let data = RawValue::from_string(args.data).context("DATA must be JSON")?;
+    if usize::from(args.user.is_some()) + usize::from(args.users.is_some()) + usize::from(args.channel.is_some()) != 1 {
+        bail!("give one of --user, --users, --channel");
     }
-    if let Some(event) = args.event {
-        body["event"] = event.into();
-    }
-    if args.persist {
-        body["persist"] = true.into();
-    }
-    if let Some(key) = args.idempotency_key {
-        body["idempotency_key"] = key.into();
-    }
+    let body = PublishRequest {
+        user: args.user,
+        users: args.users,
+        channel: args.channel,
+        data,
+        event: args.event,
+        persist: args.persist,
+        idempotency_key: args.idempotency_key,
+    };
     let url = args.url.unwrap_or_else(|| format!("http://{}", settings.server.internal_addr));
     let key = args.api_key.or_else(|| settings.auth.api_keys.first().cloned());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

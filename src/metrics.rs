@@ -16,7 +16,7 @@ pub const CONNECTIONS_CLOSED: &str = "pushnode_connections_closed_total";
 pub const CONNECTIONS_REJECTED: &str = "pushnode_connections_rejected_total";
 pub const HANDSHAKE_DURATION: &str = "pushnode_handshake_duration_seconds";
 pub const MESSAGES_PUBLISHED: &str = "pushnode_messages_published_total";
-pub const MESSAGES_FANNED_OUT: &str = "pushnode_messages_queued_total";
+pub const MESSAGES_QUEUED: &str = "pushnode_messages_queued_total";
 pub const MESSAGES_DELIVERED: &str = "pushnode_messages_delivered_total";
 pub const MESSAGES_DROPPED: &str = "pushnode_messages_dropped_total";
 pub const DELIVERY_LATENCY: &str = "pushnode_delivery_latency_seconds";
@@ -41,96 +41,25 @@ pub const ACCEPT_ERRORS: &str = "pushnode_accept_errors_total";
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// The process's own figures, read from `/proc/self` (Linux); `None` elsewhere.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ProcessStats {
-    pub resident_bytes: u64,
-    pub virtual_bytes: u64,
-    pub cpu_seconds: f64,
-    pub open_fds: u64,
-    pub max_fds: Option<u64>,
-    pub start_time_seconds: Option<f64>,
+/// The standard `process_*` series (CPU, memory, descriptors, threads, start time), recorded
+/// through the facade at each scrape by the `metrics-process` crate.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
-/// Clock ticks per second for `/proc/*/stat` times: 100 on every Linux platform Rust targets.
-const CLOCK_TICKS: f64 = 100.0;
-const PAGE_SIZE: u64 = 4096;
-
-impl ProcessStats {
-    pub fn read() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name, which is in parentheses and may contain spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-        let cpu_seconds = (field(14)? + field(15)?) as f64 / CLOCK_TICKS;
-        let virtual_bytes = field(23)?;
-        let resident_bytes = field(24)? * PAGE_SIZE;
-        let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
-        let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
-            limits.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse().ok()
-        });
-        let start_time_seconds = (|| {
-            let boot: f64 = std::fs::read_to_string("/proc/stat")
-                .ok()?
-                .lines()
-                .find_map(|l| l.strip_prefix("btime "))?
-                .trim()
-                .parse()
-                .ok()?;
-            Some(boot + field(22)? as f64 / CLOCK_TICKS)
-        })();
-        Some(Self { resident_bytes, virtual_bytes, cpu_seconds, open_fds, max_fds, start_time_seconds })
-    }
-
-    /// The standard `process_*` series in Prometheus text format.
-    pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::with_capacity(1024);
-        let mut series = |name: &str, kind: &str, help: &str, value: f64| {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n");
-        };
-        series("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", self.resident_bytes as f64);
-        series("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", self.virtual_bytes as f64);
-        series(
-            "process_cpu_seconds_total",
-            "counter",
-            "Total user and system CPU time spent in seconds.",
-            self.cpu_seconds,
-        );
-        series("process_open_fds", "gauge", "Number of open file descriptors.", self.open_fds as f64);
-        if let Some(max) = self.max_fds {
-            series("process_max_fds", "gauge", "Maximum number of open file descriptors.", max as f64);
-        }
-        if let Some(start) = self.start_time_seconds {
-            series(
-                "process_start_time_seconds",
-                "gauge",
-                "Start time of the process since unix epoch in seconds.",
-                start,
-            );
-        }
-        out
-    }
-}
-
-/// Resident memory of this process, from `/proc/self/statm` (cheap enough to sample every
-/// second, unlike [`ProcessStats::read`], which counts open file descriptors).
+/// Resident memory of this process, for admission control. Read from `/proc/self/statm` with
+/// the kernel's page size (16 or 64 KiB on some arm64 hosts), every second: cheaper than the
+/// collector's snapshot, which also counts every open descriptor.
 pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * PAGE_SIZE)
+    let statm = procfs::process::Process::myself().ok()?.statm().ok()?;
+    Some(statm.resident * procfs::page_size())
 }
 
-/// The full `/metrics` text: the recorder's series, then the process's.
+/// The full `/metrics` text: the recorder's series, the process's included.
 pub fn render(handle: &PrometheusHandle) -> String {
-    let mut text = handle.render();
-    if let Some(process) = ProcessStats::read() {
-        if !text.is_empty() && !text.ends_with("\n\n") {
-            text.push('\n');
-        }
-        text.push_str(&process.render());
-    }
-    text
+    process_collector().collect();
+    handle.render()
 }
 
 /// How often the exporter's upkeep (histogram draining) runs.
@@ -151,6 +80,7 @@ pub fn install() -> PrometheusHandle {
             // then ours stays unused and /metrics shows what it has.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            process_collector().describe();
             register_zeroes();
             handle
         })
@@ -163,7 +93,7 @@ fn register_zeroes() {
     for name in [
         CONNECTIONS_OPENED,
         MESSAGES_PUBLISHED,
-        MESSAGES_FANNED_OUT,
+        MESSAGES_QUEUED,
         MESSAGES_DELIVERED,
         BROKER_RECONNECTS,
         BROKER_CHANNELS_MOVED,
@@ -189,7 +119,7 @@ fn describe() {
     describe_counter!(CONNECTIONS_REJECTED, "Upgrade requests refused before the handshake, by reason");
     describe_histogram!(HANDSHAKE_DURATION, Unit::Seconds, "Time from upgrade request to 101 response");
     describe_counter!(MESSAGES_PUBLISHED, "Messages published through this node's API, per target channel");
-    describe_counter!(MESSAGES_FANNED_OUT, "Frames queued to local sessions by fan-out");
+    describe_counter!(MESSAGES_QUEUED, "Frames queued to local sessions by fan-out");
     describe_counter!(MESSAGES_DELIVERED, "Notification frames written to sockets");
     describe_counter!(MESSAGES_DROPPED, "Frames not queued, by reason");
     describe_histogram!(

@@ -29,7 +29,7 @@ struct Inner {
     inbox: Inbox,
     auth: Authenticator,
     names: ChannelNames,
-    sessions: Arc<SessionContext>,
+    session_context: Arc<SessionContext>,
     metrics: PrometheusHandle,
     tracker: TaskTracker,
     draining: AtomicBool,
@@ -83,7 +83,7 @@ pub struct Parts {
     pub inbox: Inbox,
     pub auth: Authenticator,
     pub names: ChannelNames,
-    pub sessions: Arc<SessionContext>,
+    pub session_context: Arc<SessionContext>,
     pub metrics: PrometheusHandle,
     pub tracker: TaskTracker,
     /// See [`crate::fd_budget::FdBudget::sessions`].
@@ -92,7 +92,8 @@ pub struct Parts {
 
 impl Node {
     pub fn new(parts: Parts) -> Self {
-        let Parts { settings, hub, broker, inbox, auth, names, sessions, metrics, tracker, max_sessions } = parts;
+        let Parts { settings, hub, broker, inbox, auth, names, session_context, metrics, tracker, max_sessions } =
+            parts;
         Self {
             inner: Arc::new(Inner {
                 settings,
@@ -101,7 +102,7 @@ impl Node {
                 inbox,
                 auth,
                 names,
-                sessions,
+                session_context,
                 metrics,
                 tracker,
                 draining: AtomicBool::new(false),
@@ -130,8 +131,9 @@ impl Node {
     pub fn names(&self) -> &ChannelNames {
         &self.inner.names
     }
-    pub fn sessions(&self) -> &Arc<SessionContext> {
-        &self.inner.sessions
+    /// What every session of this node shares.
+    pub fn session_context(&self) -> &Arc<SessionContext> {
+        &self.inner.session_context
     }
     pub fn metrics(&self) -> &PrometheusHandle {
         &self.inner.metrics

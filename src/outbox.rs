@@ -8,8 +8,8 @@
 //! after a burst), which matters at tens of thousands of idle connections per node.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::protocol::{CloseReason, NoteId, WireFrame};
@@ -27,6 +27,14 @@ pub struct Outgoing {
     pub persisted: Option<NoteId>,
     /// The broker subscription generation it arrived on (see [`crate::hub::Hub::generation`]).
     pub generation: u64,
+}
+
+impl Outgoing {
+    /// A frame that is not a live notification (a ping, a replayed one): no publish time to
+    /// measure latency from, no id to de-duplicate live frames by, no generation.
+    pub fn control(frame: WireFrame) -> Self {
+        Self { frame, published_us: 0, persisted: None, generation: 0 }
+    }
 }
 
 #[derive(Debug)]
@@ -57,8 +65,7 @@ impl Outbox {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock leaves plain data behind; keep going with it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock()
     }
 
     /// Queues a frame without waiting. On a full queue the session is marked closing as a slow
@@ -130,7 +137,7 @@ mod tests {
     use super::*;
 
     fn frame() -> Outgoing {
-        Outgoing { frame: WireFrame::text("{}".to_owned()), published_us: 0, persisted: None, generation: 0 }
+        Outgoing::control(WireFrame::text("{}".to_owned()))
     }
 
     #[test]

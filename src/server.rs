@@ -22,12 +22,13 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::channel::ChannelNames;
 use crate::fd_budget::FdBudget;
-use crate::hub::Hub;
+use crate::hub::{Hub, heartbeat};
 use crate::inbox::Inbox;
 use crate::node::{Node, Parts};
 use crate::protocol::CloseReason;
+use crate::redis_link::RedisLink;
 use crate::session::SessionContext;
-use crate::settings::{BrokerKind, Settings};
+use crate::settings::Settings;
 use crate::{acceptor, api, gateway, metrics};
 
 /// The two bound sockets of a node. Tests bind port 0 and read the addresses back.
@@ -69,7 +70,7 @@ pub enum ServerError {
     #[error("listener: {0}")]
     Io(#[from] io::Error),
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Redis(#[from] crate::redis_link::LinkError),
 }
 
 /// Runs a node on `listeners` until `shutdown` is cancelled, then drains and returns.
@@ -87,10 +88,12 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     ::metrics::gauge!(metrics::CONNECTIONS_LIMIT).set(budget.sessions as f64);
     tracker.spawn(upkeep(metrics.clone(), stop.clone()));
 
-    let hub = Hub::new(node_id.clone(), Broker::tracks_interest(settings.broker.kind));
-    let cluster = settings.broker.kind == BrokerKind::RedisCluster;
+    let link = RedisLink::from_settings(&settings.broker)?;
+    // Without Redis there is no broker subscription to track: every channel is live at once.
+    let hub = Hub::new(node_id.clone(), link.is_some());
+    let cluster = link.as_ref().is_some_and(RedisLink::is_cluster);
     let names = ChannelNames::new(&settings.broker.user_channel, &settings.broker.topic_channel, cluster);
-    let broker = Broker::start(&settings.broker, hub.clone(), &tracker, stop.clone())?;
+    let broker = Broker::start(&settings.broker, link.clone(), hub.subscriptions(), &tracker, stop.clone());
     let auth = Authenticator::new(&settings.auth);
     let auth = if settings.demo.enabled { auth.with_demo() } else { auth };
     if settings.auth.insecure_uid {
@@ -99,10 +102,10 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     if settings.demo.enabled {
         warn!("demo.enabled is on: /demo/token mints tokens for any user (loopback only)");
     }
-    let inbox = Inbox::new(&settings.inbox, &broker, hub.clone(), names.clone());
+    let inbox = Inbox::new(&settings.inbox, link, hub.clone(), names.clone());
     tracker.spawn(inbox.clone().run(stop.clone()));
-    let sessions = Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), Some(inbox.clone())));
-    tracker.spawn(heartbeat(
+    let session_context = Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), Some(inbox.clone())));
+    tracker.spawn(heartbeat::sweep(
         hub.clone(),
         settings.session.heartbeat_interval,
         settings.session.heartbeat_timeout,
@@ -115,7 +118,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         inbox,
         auth,
         names,
-        sessions,
+        session_context,
         metrics,
         tracker: tracker.clone(),
         max_sessions: budget.sessions,
@@ -144,7 +147,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     shutdown.cancelled().await;
     drain(&node).await;
     // Anything still open (or stuck writing) is told once more; a stalled write gives up on it.
-    for session in node.hub().sessions() {
+    for session in node.hub().all_sessions() {
         session.outbox.close(CloseReason::ServerShutdown { reconnect_after_ms: 0 });
     }
     stop.cancel();
@@ -167,7 +170,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
 /// delay, so clients do not come back all at once.
 async fn drain(node: &Node) {
     node.start_draining();
-    let sessions = node.hub().sessions();
+    let sessions = node.hub().all_sessions();
     let period = node.settings().server.drain_period;
     let jitter_ms = node.settings().server.reconnect_jitter.as_millis() as u64;
     info!(sessions = sessions.len(), period = ?period, "draining");
@@ -182,42 +185,6 @@ async fn drain(node: &Node) {
     let deadline = Instant::now() + Duration::from_secs(1).min(node.settings().server.shutdown_grace);
     while node.hub().session_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The heartbeat sweep runs this often and visits one step's share of the sessions each time,
-/// so that pings (one write per session) never leave as a burst that holds up notifications:
-/// at 19,000 sessions and a 25 s interval, 76 pings every 100 ms rather than 19,000 at once.
-const HEARTBEAT_TICK: Duration = Duration::from_millis(100);
-
-/// The node-wide heartbeat: every interval, ping every session and close the silent ones. The
-/// sessions are listed (weakly) once per interval and walked through in steps (each step costs
-/// only its own sessions); a session that arrives meanwhile is first visited in the next
-/// interval, and is pinged before its silence can close it.
-async fn heartbeat(hub: Hub, interval: Duration, timeout: Duration, stop: CancellationToken) {
-    let steps = (interval.as_millis() / HEARTBEAT_TICK.as_millis()).max(1) as usize;
-    let mut tick = tokio::time::interval(interval / steps as u32);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate; sessions were just heard
-    let mut sessions = Vec::new();
-    let mut step = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if step == 0 {
-                    sessions = hub.session_refs();
-                }
-                let chunk = sessions.len().div_ceil(steps);
-                let from = (step * chunk).min(sessions.len());
-                let to = (from + chunk).min(sessions.len());
-                let closed = hub.heartbeat(&sessions[from..to], timeout);
-                if closed > 0 {
-                    tracing::debug!(closed, "closed silent sessions");
-                }
-                step = (step + 1) % steps;
-            }
-            () = stop.cancelled() => return,
-        }
     }
 }
 

@@ -4,15 +4,15 @@
 use bytes::Bytes;
 
 use super::BrokerError;
-use crate::hub::Hub;
+use crate::hub::Subscriptions;
 
 #[derive(Debug, Clone)]
 pub struct MemoryBroker {
-    hub: Hub,
+    hub: Subscriptions,
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Hub) -> Self {
+    pub fn new(hub: Subscriptions) -> Self {
         Self { hub }
     }
 

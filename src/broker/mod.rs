@@ -3,7 +3,8 @@
 //!
 //! Kinds: `memory` (one node, in process), `redis` (one server, SUBSCRIBE/PUBLISH) and
 //! `redis-cluster` (sharded pub/sub). The broker knows channels and payloads, never sockets or
-//! sessions; it learns which channels to subscribe from the hub's interest changes.
+//! sessions. It sees the hub only as [`Subscriptions`]: it learns which channels to subscribe
+//! from their interest changes, and hands them deliveries and confirmations.
 //!
 //! Guarantee: live delivery is at most once. A payload published while a node is not
 //! subscribed (not yet, or during a reconnect) is not delivered live to that node's sessions.
@@ -15,7 +16,8 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::Hub;
+use crate::hub::Subscriptions;
+use crate::redis_link::{LinkError, RedisLink};
 use crate::settings::{self, BrokerKind};
 
 pub use self::memory::MemoryBroker;
@@ -25,11 +27,13 @@ pub use self::redis::RedisBroker;
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    #[error("broker configuration: {0}")]
-    Config(String),
-    /// Redis answered with an error (the connection itself is fine).
-    #[error("broker command failed: {0}")]
-    Command(String),
+}
+
+impl From<LinkError> for BrokerError {
+    fn from(e: LinkError) -> Self {
+        // Whatever went wrong, the message was not published.
+        Self::Unavailable(e.to_string())
+    }
 }
 
 /// What readiness needs to know about the broker.
@@ -46,21 +50,23 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// Builds the broker and starts its background task (if it has one) on `tracker`.
+    /// Builds the broker and starts its background task (if it has one) on `tracker`: over
+    /// `link` when there is one, in process otherwise.
     pub fn start(
         settings: &settings::Broker,
-        hub: Hub,
+        link: Option<RedisLink>,
+        hub: Subscriptions,
         tracker: &TaskTracker,
         stop: CancellationToken,
-    ) -> Result<Self, BrokerError> {
-        Ok(match settings.kind {
-            BrokerKind::Memory => Self::Memory(MemoryBroker::new(hub)),
-            BrokerKind::Redis | BrokerKind::RedisCluster => {
-                let broker = RedisBroker::new(settings, hub)?;
+    ) -> Self {
+        match link {
+            None => Self::Memory(MemoryBroker::new(hub)),
+            Some(link) => {
+                let broker = RedisBroker::new(settings, link, hub);
                 tracker.spawn(broker.clone().run(stop));
                 Self::Redis(broker)
             }
-        })
+        }
     }
 
     /// Whether the hub must record interest changes for this kind of broker.

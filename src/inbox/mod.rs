@@ -21,11 +21,11 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError};
 use crate::channel::ChannelNames;
 use crate::hub::Hub;
 use crate::metrics as m;
 use crate::protocol::NoteId;
+use crate::redis_link::{LinkError, RedisLink};
 use crate::settings;
 
 pub use self::memory::MemoryInbox;
@@ -68,6 +68,37 @@ pub enum ReadScope {
     All,
 }
 
+/// Why a read request does not name a [`ReadScope`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    /// `field` (`ids[i]` or `up_to`) is not a notification id.
+    #[error("{field} must be <ms>-<seq>")]
+    BadId { field: String },
+    #[error("give exactly one of ids (non-empty), up_to, all")]
+    NotOne,
+}
+
+impl ReadScope {
+    /// The scope a read request names, from its three optional parts (the API's body and the
+    /// session's `read` frame both carry them): exactly one of a non-empty `ids`, `up_to`, or
+    /// `all`.
+    pub fn parse(ids: Option<&[String]>, up_to: Option<&str>, all: bool) -> Result<Self, ScopeError> {
+        match (ids, up_to, all) {
+            (Some(ids), None, false) if !ids.is_empty() => ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| id.parse().map_err(|()| ScopeError::BadId { field: format!("ids[{i}]") }))
+                .collect::<Result<_, _>>()
+                .map(Self::Ids),
+            (None, Some(up_to), false) => {
+                up_to.parse().map(Self::UpTo).map_err(|()| ScopeError::BadId { field: "up_to".into() })
+            }
+            (None, None, true) => Ok(Self::All),
+            _ => Err(ScopeError::NotOne),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
     #[error("inbox unavailable: {0}")]
@@ -76,8 +107,8 @@ pub enum InboxError {
     Corrupt(String),
 }
 
-impl From<BrokerError> for InboxError {
-    fn from(e: BrokerError) -> Self {
+impl From<LinkError> for InboxError {
+    fn from(e: LinkError) -> Self {
         Self::Unavailable(e.to_string())
     }
 }
@@ -97,23 +128,22 @@ pub enum Inbox {
 }
 
 impl Inbox {
-    /// The inbox follows the broker: memory with memory, Redis with Redis.
-    pub fn new(settings: &settings::Inbox, broker: &Broker, hub: Hub, names: ChannelNames) -> Self {
+    /// The inbox follows the broker: in Redis over `link` when there is one (the Redis
+    /// brokers), in memory otherwise, publishing straight into the local `hub`.
+    pub fn new(settings: &settings::Inbox, link: Option<RedisLink>, hub: Hub, names: ChannelNames) -> Self {
         let limits = Limits {
             max_per_user: settings.max_per_user,
             ttl: settings.ttl,
             idempotency_ttl: settings.idempotency_ttl,
         };
-        match broker {
-            Broker::Memory(_) => Self::Memory(MemoryInbox::new(hub, names, limits)),
-            Broker::Redis(redis) => {
-                Self::Redis(RedisInbox::new(redis.clone(), hub, names, &settings.key_prefix, limits))
-            }
+        match link {
+            None => Self::Memory(MemoryInbox::new(hub, names, limits)),
+            Some(link) => Self::Redis(RedisInbox::new(link, names, &settings.key_prefix, limits)),
         }
     }
 
     /// Background upkeep until `stop`: memory sweeps expired inboxes; Redis (re)loads its
-    /// function library whenever the broker (re)connects.
+    /// function library whenever the link's epoch advances.
     pub async fn run(self, stop: CancellationToken) {
         match self {
             Self::Memory(m) => m.run(stop).await,

@@ -1,9 +1,10 @@
 //! The Redis inbox: calls the `pushnode` Redis Functions library (`pushnode.lua`) through the
-//! broker's command connection. Each call is one atomic function on the user's keys, all in
+//! node's shared command connection ([`RedisLink`]). Each call is one atomic function on the user's keys, all in
 //! one slot in a cluster (`<key_prefix>{<user>}`), together with the user's channel.
 //!
-//! The library is loaded at start and whenever the broker reconnects (a restarted Redis
-//! without persistence forgets functions), and on demand if a call finds it missing.
+//! The library is loaded whenever the link's epoch advances (the broker subscribed after a
+//! (re)connect; a restarted Redis without persistence forgets functions), and on demand if a
+//! call finds it missing.
 
 use redis::Value;
 use serde_json::value::RawValue;
@@ -11,48 +12,45 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Appended, InboxError, InboxState, Limits, ReadScope, Stored};
-use crate::broker::{BrokerError, RedisBroker};
 use crate::channel::ChannelNames;
-use crate::hub::Hub;
 use crate::metrics as m;
 use crate::protocol::{NoteId, json};
+use crate::redis_link::{LinkError, RedisLink};
 
 /// The Redis Functions library (`#!lua name=pushnode`).
 pub const LIBRARY: &str = include_str!("pushnode.lua");
 
 #[derive(Debug, Clone)]
 pub struct RedisInbox {
-    broker: RedisBroker,
-    hub: Hub,
+    link: RedisLink,
     names: ChannelNames,
     key_prefix: String,
     limits: Limits,
 }
 
 impl RedisInbox {
-    pub(super) fn new(broker: RedisBroker, hub: Hub, names: ChannelNames, key_prefix: &str, limits: Limits) -> Self {
-        Self { broker, hub, names, key_prefix: key_prefix.to_owned(), limits }
+    pub(super) fn new(link: RedisLink, names: ChannelNames, key_prefix: &str, limits: Limits) -> Self {
+        Self { link, names, key_prefix: key_prefix.to_owned(), limits }
     }
 
-    /// Loads the library at start and after every broker (re)subscribe.
+    /// Loads the library every time the link's epoch advances (the first time included),
+    /// until `stop`.
     pub(super) async fn run(self, stop: CancellationToken) {
-        let mut generation = self.hub.watch_generation();
+        let mut epoch = self.link.watch_epoch();
         loop {
-            if self.hub.is_broker_up() {
-                match self.load().await {
-                    Ok(()) => info!("inbox functions loaded"),
-                    Err(e) => warn!(error = %e, "cannot load inbox functions; retrying on the next reconnect"),
-                }
-            }
             tokio::select! {
-                changed = generation.changed() => if changed.is_err() { return },
+                changed = epoch.changed() => if changed.is_err() { return },
                 () = stop.cancelled() => return,
+            }
+            match self.load().await {
+                Ok(()) => info!("inbox functions loaded"),
+                Err(e) => warn!(error = %e, "cannot load inbox functions; retrying on the next reconnect"),
             }
         }
     }
 
-    async fn load(&self) -> Result<(), BrokerError> {
-        self.broker.query(redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(LIBRARY)).await.map(|_| ())
+    async fn load(&self) -> Result<(), LinkError> {
+        self.link.query(redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(LIBRARY)).await.map(|_| ())
     }
 
     fn key(&self, user: &str) -> String {
@@ -63,10 +61,10 @@ impl RedisInbox {
     async fn call(&self, function: &str, user: &str, args: &[&str]) -> Result<Value, InboxError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(function).arg(1).arg(self.key(user)).arg(args);
-        match self.broker.query(&cmd).await {
-            Err(BrokerError::Command(e)) if e.contains("Function not found") || e.contains("function not found") => {
+        match self.link.query(&cmd).await {
+            Err(LinkError::Command(e)) if e.contains("Function not found") || e.contains("function not found") => {
                 self.load().await?;
-                Ok(self.broker.query(&cmd).await?)
+                Ok(self.link.query(&cmd).await?)
             }
             result => Ok(result?),
         }
@@ -85,7 +83,7 @@ impl RedisInbox {
         let idem_ttl = self.limits.idempotency_ttl.as_millis().max(1).to_string();
         let args = [
             &*channel,
-            self.broker.publish_command(),
+            self.link.publish_command(),
             data.get(),
             event.unwrap_or(""),
             key.unwrap_or(""),
@@ -148,7 +146,7 @@ impl RedisInbox {
     pub(super) async fn mark_read(&self, user: &str, scope: &ReadScope) -> Result<u64, InboxError> {
         let channel = self.names.user(user);
         let ids: Vec<String>;
-        let mut args = vec![&*channel, self.broker.publish_command()];
+        let mut args = vec![&*channel, self.link.publish_command()];
         match scope {
             ReadScope::All => args.push("all"),
             ReadScope::UpTo(id) => {

@@ -60,9 +60,13 @@ impl fmt::Display for NoteId {
 }
 
 /// The cross-node envelope of a notification, as published on a broker channel.
+///
+/// `pushnode` must stay the first field (serde writes fields in declaration order): the fast
+/// path that tells our payloads from foreign ones ([`starts_like_ours`]) looks for
+/// `{"pushnode"` at the start, and the inbox's Lua functions write envelopes the same way.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope<'a> {
-    /// Marks the payload as a pushnode envelope and carries its version.
+    /// Marks the payload as a pushnode envelope and carries its version. First, see above.
     pub pushnode: u32,
     /// `Cow`: borrowed unless the JSON string has escapes (event names like `App\\Events\\X`).
     #[serde(borrow)]
@@ -99,9 +103,11 @@ impl<'a> Envelope<'a> {
     }
 }
 
-/// A user's new unread count, published after notifications were marked read.
+/// A user's new unread count, published after notifications were marked read. Like
+/// [`Envelope`], it must serialise `pushnode` first (the Lua `pushnode_read` writes it so too).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UnreadUpdate {
+    /// First, see above.
     pub pushnode: u32,
     #[serde(rename = "type")]
     pub kind: UnreadKind,
@@ -156,7 +162,23 @@ struct Notification<'a> {
     time: u64,
 }
 
-impl Notification<'_> {
+impl<'a> Notification<'a> {
+    /// A live notification with nothing persisted about it; callers override what differs.
+    fn new(id: &'a str, channel: Option<&'a str>, event: Option<&'a str>, data: &'a RawValue, ts_us: u64) -> Self {
+        Self {
+            kind: "notification",
+            id,
+            channel,
+            event,
+            persisted: false,
+            unread: None,
+            replay: false,
+            read: None,
+            data,
+            time: ts_us / 1000,
+        }
+    }
+
     fn encode(&self) -> WireFrame {
         WireFrame::text(serde_json::to_string(self).unwrap_or_default())
     }
@@ -221,16 +243,9 @@ impl Delivery {
                 }
                 let _ = json.set(
                     Notification {
-                        kind: "notification",
-                        id: &env.id,
-                        channel: topic.as_deref(),
-                        event: env.event.as_deref(),
                         persisted: env.persisted,
                         unread: env.unread,
-                        replay: false,
-                        read: None,
-                        data: env.data,
-                        time: env.ts / 1000,
+                        ..Notification::new(&env.id, topic.as_deref(), env.event.as_deref(), env.data, env.ts)
                     }
                     .encode(),
                 );
@@ -282,19 +297,7 @@ impl Delivery {
     fn foreign_json(&self, id: &str) -> WireFrame {
         let payload = &self.payload[..];
         let foreign = |event: Option<&str>, data: &RawValue| {
-            Notification {
-                kind: "notification",
-                id,
-                channel: self.topic.as_deref(),
-                event,
-                persisted: false,
-                unread: None,
-                replay: false,
-                read: None,
-                data,
-                time: self.ts / 1000,
-            }
-            .encode()
+            Notification::new(id, self.topic.as_deref(), event, data, self.ts).encode()
         };
         // Only JSON that passes `json::check` is embedded as JSON; anything else is carried as a
         // string, so every frame a client gets parses.
@@ -321,19 +324,8 @@ impl Delivery {
 /// A replayed inbox notification, for JSON sessions.
 pub fn encode_stored(id: NoteId, ts_us: u64, event: Option<&str>, data: &RawValue, read: bool) -> WireFrame {
     let id = id.to_string();
-    Notification {
-        kind: "notification",
-        id: &id,
-        channel: None,
-        event,
-        persisted: true,
-        unread: None,
-        replay: true,
-        read: Some(read),
-        data,
-        time: ts_us / 1000,
-    }
-    .encode()
+    Notification { persisted: true, replay: true, read: Some(read), ..Notification::new(&id, None, event, data, ts_us) }
+        .encode()
 }
 
 fn null_value() -> Box<RawValue> {

@@ -8,7 +8,7 @@ use tracing::debug;
 
 use super::resume::Resume;
 use super::{RESYNC_RECHECK, RESYNC_SPREAD, Session};
-use crate::inbox::{InboxState, ReadScope};
+use crate::inbox::{InboxState, ReadScope, ScopeError};
 use crate::metrics as m;
 use crate::outbox::Outgoing;
 use crate::protocol::{CloseReason, ErrorCode, Format, NoteId, PROTOCOL_VERSION, ServerFrame, encode_stored};
@@ -20,7 +20,7 @@ where
     /// Whether this session replays from the inbox and tracks broker gaps: JSON sessions on a
     /// node with an inbox. Raw sessions get live payloads only, never stored frames.
     pub(super) fn resumes(&self) -> bool {
-        self.ctx.inbox.is_some() && self.subscriber.format == Format::Json
+        self.ctx.inbox.is_some() && self.registration.format == Format::Json
     }
 
     /// Sends the welcome and, with an inbox, replays what the client has not seen: the unread
@@ -44,10 +44,10 @@ where
         let welcome = ServerFrame::Welcome {
             protocol: PROTOCOL_VERSION,
             node: self.ctx.node_id.to_string(),
-            session: self.subscriber.id.to_string(),
+            session: self.registration.id.to_string(),
             user: self.identity.user.to_string(),
             heartbeat: self.ctx.heartbeat_interval.as_secs(),
-            format: self.subscriber.format,
+            format: self.registration.format,
             channels: self.identity.channels.clone(),
             unread: state.unread,
             last_id: state.newest.map(|id| id.to_string()),
@@ -98,7 +98,7 @@ where
         let mut frames = Vec::with_capacity(stored.len());
         for note in stored.into_iter().filter(|note| !written.contains(&note.id)) {
             let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
-            frames.push(Outgoing { frame, published_us: 0, persisted: None, generation: 0 });
+            frames.push(Outgoing::control(frame));
             self.resume.advance(note.id);
         }
         metrics::counter!(m::INBOX_REPLAYED).increment(frames.len() as u64);
@@ -113,7 +113,7 @@ where
         }
         let before = self.resume.pending_gap();
         self.resume.on_generation(generation);
-        if self.subscriber.take_interrupted() {
+        if self.registration.take_interrupted() {
             self.resume.interrupt();
         }
         if before.is_none() && self.resume.pending_gap().is_some() {
@@ -143,17 +143,12 @@ where
         let Some(inbox) = self.ctx.inbox.clone() else {
             return self.reply_error(ErrorCode::Unsupported, "this session has no inbox").await;
         };
-        let scope = match (ids.is_empty(), up_to, all) {
-            (false, None, false) => match ids.iter().map(|i| i.parse()).collect::<Result<Vec<NoteId>, ()>>() {
-                Ok(ids) => ReadScope::Ids(ids),
-                Err(()) => return self.reply_error(ErrorCode::BadId, "ids must be <ms>-<seq>").await,
-            },
-            (true, Some(up_to), false) => match up_to.parse() {
-                Ok(id) => ReadScope::UpTo(id),
-                Err(()) => return self.reply_error(ErrorCode::BadId, "up_to must be <ms>-<seq>").await,
-            },
-            (true, None, true) => ReadScope::All,
-            _ => return self.reply_error(ErrorCode::BadFrame, "give exactly one of ids, up_to, all").await,
+        // The frame's `ids` defaults to empty: empty means absent.
+        let ids = (!ids.is_empty()).then_some(ids.as_slice());
+        let scope = match ReadScope::parse(ids, up_to.as_deref(), all) {
+            Ok(scope) => scope,
+            Err(e @ ScopeError::BadId { .. }) => return self.reply_error(ErrorCode::BadId, e.to_string()).await,
+            Err(e @ ScopeError::NotOne) => return self.reply_error(ErrorCode::BadFrame, e.to_string()).await,
         };
         // The new count reaches every session of the user (this one too) through the broker.
         match inbox.mark_read(&self.identity.user, &scope).await {

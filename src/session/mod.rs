@@ -5,10 +5,13 @@
 //! writes queued frames in batches (one flush per batch) and answers client frames. Every
 //! write has a timeout, and a write stalled by a client that stopped reading is abandoned as
 //! soon as fan-out marks the outbox closing. There is no timer per connection: the node's
-//! heartbeat sweep ([`Hub::heartbeat`]) queues pings and closes sessions that stay silent.
+//! heartbeat sweep ([`crate::hub::heartbeat::sweep`]) queues pings and closes sessions that
+//! stay silent.
 //!
-//! The session registers itself in the [`Hub`] and leaves it on every exit path; it never
-//! touches the broker (the hub reports interest changes to it).
+//! The session's place in the [`Hub`] is a [`Registration`] guard that also records the
+//! channels it joins: dropping it leaves them all and unregisters, so no exit path (an early
+//! return, a panic, a task dropped unpolled) leaves the session behind. It never touches the
+//! broker (the hub reports interest changes to it).
 //!
 //! With an inbox (JSON sessions), the session subscribes first, then replays from the inbox
 //! (unread notifications, or everything after the client's `last_id`), then goes live,
@@ -21,6 +24,15 @@ mod rate;
 mod resume;
 
 pub use self::meter::{FrameFlood, Metered};
+
+/// Test-only behaviour, compiled in with the `test-hooks` feature (the test suite enables it;
+/// release builds never have it).
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks {
+    /// Subscribing to this topic panics the session task, so a test can show that nothing of
+    /// the session stays behind in the hub, the broker or the per-user limit.
+    pub const PANIC_TOPIC: &str = "test-hook.panic";
+}
 
 use std::sync::Arc;
 use std::task::Poll;
@@ -39,7 +51,7 @@ use tracing::{Instrument, debug, info_span, trace};
 use self::resume::Resume;
 use crate::auth::Identity;
 use crate::channel::{ChannelKind, ChannelNames, granted, valid_name};
-use crate::hub::{Hub, Subscriber};
+use crate::hub::{Hub, LocalSession, Registration, TooManySessions};
 use crate::inbox::Inbox;
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing};
@@ -110,28 +122,40 @@ pub fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let subscriber = Arc::new(Subscriber::new(
+    let local = Arc::new(LocalSession::new(
         ctx.hub.next_session_id(),
         identity.user.clone(),
         format,
         Outbox::new(ctx.outbox_capacity),
     ));
-    let span = info_span!("session", id = subscriber.id, user = %identity.user);
-    let mut session = Session {
-        ws,
-        user_channel: ctx.names.user(&identity.user),
-        ctx,
-        subscriber,
-        identity,
-        topics: Vec::new(),
-        batch: Vec::new(),
-        resume: Resume::default(),
-        resync_at: None,
-        last_id,
-        replay_failures: 0,
+    let span = info_span!("session", id = local.id, user = %identity.user);
+    // Registered here, before the task first runs: the guard is in the hub's books from now
+    // on, and whatever becomes of the task (it ends, panics, or is dropped unpolled) dropping
+    // the guard takes the session out again.
+    let session = match ctx.hub.register(local, ctx.max_per_user) {
+        Ok(registration) => Ok(Session {
+            ws,
+            user_channel: ctx.names.user(&identity.user),
+            ctx,
+            registration,
+            identity,
+            batch: Vec::new(),
+            resume: Resume::default(),
+            resync_at: None,
+            last_id,
+            replay_failures: 0,
+        }),
+        Err(TooManySessions) => Err(ws),
     };
     async move {
-        let reason = session.run().await;
+        let reason = match session {
+            Ok(mut session) => session.run().await,
+            Err(mut ws) => {
+                // Raced past the pre-upgrade check; refuse with a close code instead.
+                Box::pin(close(&mut ws, CloseReason::TooManyConnections)).await;
+                CloseReason::TooManyConnections
+            }
+        };
         debug!(reason = reason.label(), "session closed");
         metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
     }
@@ -141,11 +165,10 @@ where
 struct Session<S> {
     ws: WebSocketStream<S>,
     ctx: Arc<SessionContext>,
-    subscriber: Arc<Subscriber>,
+    /// This session in the hub, and the channels it joined: dropped with the session.
+    registration: Registration,
     identity: Identity,
     user_channel: Arc<str>,
-    /// Joined topic channels: (broker channel, topic name).
-    topics: Vec<(Arc<str>, Arc<str>)>,
     /// Reused between batches so a busy session does not allocate per batch.
     batch: Vec<Outgoing>,
     resume: Resume,
@@ -161,31 +184,22 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// Serves the session and closes it. Leaving the hub is the registration's job, done
+    /// when the session is dropped.
     async fn run(&mut self) -> CloseReason {
-        if self.ctx.hub.register(self.subscriber.clone(), self.ctx.max_per_user).is_err() {
-            // Raced past the pre-upgrade check; refuse with a close code instead.
-            Box::pin(self.close(CloseReason::TooManyConnections)).await;
-            return CloseReason::TooManyConnections;
-        }
         metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
-        self.ctx.hub.join(&self.user_channel, None, &self.subscriber);
+        self.registration.join(self.user_channel.clone(), None);
         // The welcome means "what is published from now on reaches you": wait (bounded) for
         // the broker to confirm the subscription. Frames queued meanwhile are kept.
         self.ctx.hub.wait_live(&self.user_channel, self.ctx.subscribe_wait).await;
 
         let reason = self.serve().await;
-        Box::pin(self.close(reason)).await;
-
-        for (channel, _) in self.topics.drain(..) {
-            self.ctx.hub.leave(&channel, self.subscriber.id);
-        }
-        self.ctx.hub.leave(&self.user_channel, self.subscriber.id);
-        self.ctx.hub.unregister(&self.subscriber);
+        Box::pin(close(&mut self.ws, reason)).await;
         reason
     }
 
     async fn serve(&mut self) -> CloseReason {
-        if self.subscriber.format == Format::Json
+        if self.registration.format == Format::Json
             && let Err(reason) = Box::pin(self.welcome()).await
         {
             return reason;
@@ -193,7 +207,7 @@ where
 
         loop {
             // Drain before waiting: a wake-up may have been consumed while a write was stalled.
-            if let Some(reason) = self.subscriber.outbox.drain_into(&mut self.batch) {
+            if let Some(reason) = self.registration.outbox.drain_into(&mut self.batch) {
                 if reason == CloseReason::SlowConsumer {
                     self.batch.clear();
                     return reason;
@@ -216,14 +230,14 @@ where
             // have one, and the session future stays small).
             let mut resync_timer = self.resync_at.map(|at| Box::pin(sleep_until(at)));
             tokio::select! {
-                () = self.subscriber.outbox.ready() => {}
+                () = self.registration.outbox.ready() => {}
                 () = async { if let Some(t) = resync_timer.as_mut() { t.await } }, if resync_timer.is_some() => {
                     if let Err(reason) = Box::pin(self.resync()).await {
                         return reason;
                     }
                 }
                 incoming = self.ws.next() => {
-                    self.subscriber.heard();
+                    self.registration.liveness.heard();
                     match incoming {
                         Some(Ok(message)) => {
                             // Client frames are rare: their handling lives on the heap.
@@ -265,9 +279,8 @@ where
             ClientFrame::Subscribe { channel } => self.subscribe(channel).await,
             ClientFrame::Read { ids, up_to, all } => self.mark_read(ids, up_to, all).await,
             ClientFrame::Unsubscribe { channel } => {
-                if let Some(i) = self.topics.iter().position(|(_, topic)| **topic == *channel) {
-                    let (broker_channel, _) = self.topics.swap_remove(i);
-                    self.ctx.hub.leave(&broker_channel, self.subscriber.id);
+                if let Some(broker_channel) = self.registration.topic_channel(&channel).cloned() {
+                    self.registration.leave(&broker_channel);
                 }
                 // Unsubscribing from a channel one is not in is not an error: the end state holds.
                 self.send(&ServerFrame::Unsubscribed { channel }).await
@@ -282,8 +295,12 @@ where
         if !granted(&self.identity.channels, &topic) {
             return self.reply_error(ErrorCode::NotAllowed, format!("token does not grant {topic:?}")).await;
         }
-        if !self.topics.iter().any(|(_, t)| **t == *topic) {
-            if self.topics.len() >= self.ctx.max_topics {
+        #[cfg(feature = "test-hooks")]
+        if topic == test_hooks::PANIC_TOPIC {
+            panic!("session task panics on purpose (test hook)");
+        }
+        if self.registration.topic_channel(&topic).is_none() {
+            if self.registration.topic_count() >= self.ctx.max_topics {
                 return self.reply_error(ErrorCode::TooManyChannels, "topic channel limit reached").await;
             }
             let topic: Arc<str> = topic.as_str().into();
@@ -293,9 +310,8 @@ where
             if matches!(self.ctx.names.parse(&channel), Some(ChannelKind::User(_))) {
                 return self.reply_error(ErrorCode::NotAllowed, "channel is a user's channel").await;
             }
-            self.ctx.hub.join(&channel, Some(&topic), &self.subscriber);
+            self.registration.join(channel.clone(), Some(topic));
             self.ctx.hub.wait_live(&channel, self.ctx.subscribe_wait).await;
-            self.topics.push((channel, topic));
         }
         self.send(&ServerFrame::Subscribed { channel: topic }).await
     }
@@ -346,7 +362,7 @@ where
     /// write that has to wait arms the timeout and the closing watch (a timer and a waiter
     /// registration saved per delivery).
     async fn write_frames(&mut self, frames: &mut Vec<Outgoing>) -> Result<(), CloseReason> {
-        let Self { ws, subscriber, ctx, .. } = self;
+        let Self { ws, registration, ctx, .. } = self;
         let count = frames.len();
         let newest_ts = frames.iter().map(|out| out.published_us).max().unwrap_or(0);
         let write = async {
@@ -368,8 +384,8 @@ where
             Poll::Pending => {
                 let closed = async {
                     loop {
-                        subscriber.outbox.ready().await;
-                        if let Some(reason) = subscriber.outbox.closing() {
+                        registration.outbox.ready().await;
+                        if let Some(reason) = registration.outbox.closing() {
                             break reason;
                         }
                     }
@@ -391,18 +407,18 @@ where
         }
         Ok(())
     }
+}
 
-    /// Sends a close frame (best effort, bounded), then lingers so the client can read it.
-    async fn close(&mut self, reason: CloseReason) {
-        if matches!(reason, CloseReason::WriteFailed | CloseReason::Gone) {
-            return; // nobody to tell, or no way to: a close frame would only wait
-        }
-        let frame = CloseFrame { code: CloseCode::from(reason.code()), reason: Utf8Bytes::from(reason.text()) };
-        if !matches!(timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await, Ok(Ok(()))) {
-            return;
-        }
-        linger(self.ws.get_mut()).await;
+/// Sends a close frame (best effort, bounded), then lingers so the client can read it.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, reason: CloseReason) {
+    if matches!(reason, CloseReason::WriteFailed | CloseReason::Gone) {
+        return; // nobody to tell, or no way to: a close frame would only wait
     }
+    let frame = CloseFrame { code: CloseCode::from(reason.code()), reason: Utf8Bytes::from(reason.text()) };
+    if !matches!(timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await, Ok(Ok(()))) {
+        return;
+    }
+    linger(ws.get_mut()).await;
 }
 
 /// How long a closed session keeps reading (and discarding) what the client still sends, and

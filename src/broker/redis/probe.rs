@@ -9,8 +9,9 @@
 //! within `broker.probe_timeout`.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
+use parking_lot::{Mutex, MutexGuard};
 use redis::Value;
 
 use crate::metrics as m;
@@ -39,7 +40,7 @@ impl Probes {
     }
 
     fn heard(&self) -> MutexGuard<'_, Vec<(Arc<str>, u64)>> {
-        self.heard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.heard.lock()
     }
 
     /// The one probe channel with a single Redis server (the braces make it a hash tag).

@@ -14,9 +14,10 @@ use tokio::time::{Instant, MissedTickBehavior, interval, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Conn, RedisBroker};
+use super::RedisBroker;
 use crate::metrics as m;
 use crate::protocol::now_micros;
+use crate::redis_link::Conn;
 
 /// In cluster mode the probes follow the slots every this many probe intervals.
 const PROBE_REFRESH: u32 = 10;
@@ -47,23 +48,25 @@ impl<'a> Subscription<'a> {
     pub(super) async fn run(mut self, stop: &CancellationToken, backoff: &mut Backoff) -> Outcome {
         let inner = &self.broker.inner;
         let settings = &inner.settings;
-        let shared = inner.shared.clone();
+        let inbound = inner.inbound.clone();
 
         // Full sync: every channel the hub wants, plus the probe channels (which also covers
         // any channel a slot move took from the previous connection).
         let started = Instant::now();
-        shared.take_moved();
+        inbound.take_moved();
         let Some(probes) = self.probe_channels().await else { return Outcome::Lost };
-        shared.probes.reset(&probes);
-        inner.hub.take_interest_changes();
-        self.pending.extend(inner.hub.wanted_channels());
+        inbound.probes.reset(&probes);
+        inner.hub.take_changes();
+        self.pending.extend(inner.hub.wanted());
         self.pending.extend(probes);
         if !self.flush_pending().await {
             return Outcome::Lost;
         }
         metrics::histogram!(m::BROKER_RESUBSCRIBE_DURATION).record(started.elapsed().as_secs_f64());
-        // Sessions replay from the inbox what was published while we were not subscribed.
-        inner.hub.bump_generation();
+        // Sessions replay from the inbox what was published while we were not subscribed, and
+        // whoever loaded something into Redis loads it again (it may have restarted).
+        inner.hub.resubscribed();
+        inner.link.advance_epoch();
         debug!(channels = self.subscribed.len(), elapsed = ?started.elapsed(), "broker subscribed");
         backoff.reset();
 
@@ -76,22 +79,22 @@ impl<'a> Subscription<'a> {
         let mut probes_sent = 0u32;
 
         loop {
-            shared.synced.store(self.pending.is_empty(), Ordering::Release);
+            inbound.synced.store(self.pending.is_empty(), Ordering::Release);
             tokio::select! {
                 () = stop.cancelled() => return Outcome::Stopped,
-                () = shared.disconnected.notified() => {
+                () = inbound.disconnected.notified() => {
                     // In cluster mode this is one shard's connection. The client would redial
                     // it, but its subscriptions there are gone and slots may have moved:
                     // start over with a fresh connection and a full resubscribe.
                     warn!("broker subscriber connection lost");
                     return Outcome::Lost;
                 }
-                () = shared.moved_notify.notified() => {
+                () = inbound.moved_notify.notified() => {
                     // Failures stay pending and are retried by the housekeeping tick.
                     self.on_moved();
                     self.flush_pending().await;
                 }
-                () = inner.hub.interest_notified() => {
+                () = inner.hub.changed() => {
                     self.on_interest_changes();
                     if !self.flush_pending().await && !self.is_cluster() {
                         return Outcome::Lost;
@@ -115,12 +118,12 @@ impl<'a> Subscription<'a> {
                     }
                     // Concurrently: a stalled shard must not hold up the others' probes.
                     let payload = Bytes::from(now_micros().to_string());
-                    let channels = shared.probes.channels();
+                    let channels = inbound.probes.channels();
                     let sent = join_all(channels.iter().map(|c| self.broker.publish(c, payload.clone()))).await;
                     if let Some(Err(e)) = sent.into_iter().find(Result::is_err) {
                         debug!(error = %e, "probe publish failed");
                     }
-                    let silent_us = now_micros().saturating_sub(shared.probes.oldest_us());
+                    let silent_us = now_micros().saturating_sub(inbound.probes.oldest_us());
                     if connected_at.elapsed() > settings.probe_timeout
                         && silent_us > settings.probe_timeout.as_micros() as u64
                     {
@@ -135,11 +138,11 @@ impl<'a> Subscription<'a> {
     /// This subscription's probe channels: one, or one per shard from `CLUSTER SLOTS`.
     /// `None` if the cluster's slots cannot be read.
     async fn probe_channels(&self) -> Option<Vec<Arc<str>>> {
-        let probes = &self.broker.inner.shared.probes;
+        let probes = &self.broker.inner.inbound.probes;
         if !self.is_cluster() {
             return Some(vec![probes.single()]);
         }
-        match self.broker.query(redis::cmd("CLUSTER").arg("SLOTS")).await {
+        match self.broker.inner.link.query(redis::cmd("CLUSTER").arg("SLOTS")).await {
             Ok(slots) => Some(probes.per_shard(&slots)).filter(|channels| !channels.is_empty()),
             Err(e) => {
                 warn!(error = %e, "cannot read the cluster's slots for the probes");
@@ -151,7 +154,7 @@ impl<'a> Subscription<'a> {
     /// Follows the cluster's slots: subscribes the probe of a new shard, drops a gone one's.
     async fn refresh_probes(&mut self) {
         let Some(channels) = self.probe_channels().await else { return };
-        let (added, removed) = self.broker.inner.shared.probes.replace(&channels);
+        let (added, removed) = self.broker.inner.inbound.probes.replace(&channels);
         if !added.is_empty() || !removed.is_empty() {
             debug!(added = added.len(), removed = removed.len(), "cluster slots moved; probes follow");
         }
@@ -165,7 +168,7 @@ impl<'a> Subscription<'a> {
     /// learn of the gap first, then the channels are subscribed again (the cluster client
     /// routes them to the slot's new owner).
     fn on_moved(&mut self) {
-        let moved = self.broker.inner.shared.take_moved();
+        let moved = self.broker.inner.inbound.take_moved();
         if moved.is_empty() {
             return;
         }
@@ -187,7 +190,7 @@ impl<'a> Subscription<'a> {
         let hub = &self.broker.inner.hub;
         let delay = self.broker.inner.settings.unsubscribe_delay;
         let mut live = Vec::new();
-        for channel in hub.take_interest_changes() {
+        for channel in hub.take_changes() {
             if hub.is_wanted(&channel) {
                 self.lingering.remove(&channel);
                 if self.subscribed.contains(&channel) {
@@ -212,7 +215,7 @@ impl<'a> Subscription<'a> {
             return true;
         }
         let hub = &self.broker.inner.hub;
-        let probes = &self.broker.inner.shared.probes;
+        let probes = &self.broker.inner.inbound.probes;
         let channels: Vec<Arc<str>> = self.pending.drain().filter(|c| probes.contains(c) || hub.is_wanted(c)).collect();
         let mut ok = true;
         for batch in channels.chunks(self.broker.inner.settings.subscribe_batch) {
@@ -235,7 +238,7 @@ impl<'a> Subscription<'a> {
         let mut expired = Vec::with_capacity(due.len());
         for channel in due {
             self.lingering.remove(&channel);
-            if !hub.is_wanted(&channel) && !self.broker.inner.shared.probes.contains(&channel) {
+            if !hub.is_wanted(&channel) && !self.broker.inner.inbound.probes.contains(&channel) {
                 expired.push(channel);
             }
         }

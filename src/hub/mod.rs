@@ -1,0 +1,420 @@
+//! The local registry: which sessions live on this node, and which of them listen to which
+//! broker channel. [`Hub::deliver`] fans one message out to them.
+//!
+//! - this file: the registry ([`Hub::register`] and the [`Registration`] guard that undoes
+//!   it), channel membership and [`Hub::deliver`];
+//! - [`members`]: one channel's sessions, removable by id in constant time;
+//! - [`subscriptions`]: the subscription state the broker drives (interest changes, live
+//!   flags, broker up, the generation) and [`Subscriptions`], the only view of the hub the
+//!   broker gets;
+//! - [`heartbeat`]: when each session was last heard from, and the node's ping sweep.
+//!
+//! The hub does no I/O. Delivery pushes into each session's bounded [`Outbox`] and returns;
+//! the only await ([`Hub::wait_live`]) waits on the hub's own state. The hub records which
+//! channels gained their first or lost their last local session, which a broker drains to
+//! SUBSCRIBE/UNSUBSCRIBE; it knows nothing of Redis.
+//!
+//! Locking: every map is a `DashMap`; no guard is held across an await or while touching the
+//! same map again.
+
+pub mod heartbeat;
+mod members;
+mod subscriptions;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+pub use self::heartbeat::{Liveness, monotonic_ms};
+use self::members::Members;
+pub use self::subscriptions::Subscriptions;
+use crate::metrics as m;
+use crate::outbox::{Outbox, Outgoing, PushError};
+use crate::protocol::{CloseReason, Delivery, Format};
+
+pub type SessionId = u64;
+
+/// What the hub knows of one WebSocket session on this node: enough to deliver to it, ping it
+/// and close it. The session task owns the socket; this is its shared half.
+#[derive(Debug)]
+pub struct LocalSession {
+    pub id: SessionId,
+    pub user: Arc<str>,
+    pub format: Format,
+    pub outbox: Outbox,
+    pub liveness: Liveness,
+    /// The broker lost this session's user channel alone (a cluster slot moved): messages may
+    /// be missing since. Set before the channel is subscribed again, taken by the session.
+    interrupted: AtomicBool,
+}
+
+impl LocalSession {
+    pub fn new(id: SessionId, user: Arc<str>, format: Format, outbox: Outbox) -> Self {
+        Self { id, user, format, outbox, liveness: Liveness::default(), interrupted: AtomicBool::new(false) }
+    }
+
+    /// Whether the user channel was interrupted since the last call (see
+    /// [`Subscriptions::interrupt`]).
+    pub fn take_interrupted(&self) -> bool {
+        // A plain load first: this runs for every batch a session writes.
+        self.interrupted.load(Ordering::Acquire) && self.interrupted.swap(false, Ordering::AcqRel)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    /// Topic name for topic channels (goes into the notification's `channel` field).
+    topic: Option<Arc<str>>,
+    members: Members,
+    /// The broker confirmed its subscription (always true without interest tracking).
+    live: bool,
+}
+
+/// Result of one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    pub delivered: usize,
+    pub dropped: usize,
+}
+
+/// The user already has the maximum number of sessions on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("user has too many sessions on this node")]
+pub struct TooManySessions;
+
+#[derive(Clone, Debug)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    channels: DashMap<Arc<str>, Channel>,
+    sessions: DashMap<SessionId, Arc<LocalSession>>,
+    /// Sessions per user, for the per-user limit.
+    users: DashMap<Arc<str>, usize>,
+    subscriptions: subscriptions::State,
+    node_id: Arc<str>,
+    next_session: AtomicU64,
+    next_message: AtomicU64,
+    /// Registered once: looking a counter up by name costs a hash per message.
+    queued: metrics::Counter,
+    dropped_slow: metrics::Counter,
+    dropped_closing: metrics::Counter,
+    dropped_invalid: metrics::Counter,
+}
+
+impl Hub {
+    /// `track_interest` is true when a broker subscribes channels on demand.
+    pub fn new(node_id: impl Into<Arc<str>>, track_interest: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                channels: DashMap::new(),
+                sessions: DashMap::new(),
+                users: DashMap::new(),
+                subscriptions: subscriptions::State::new(track_interest),
+                node_id: node_id.into(),
+                next_session: AtomicU64::new(1),
+                next_message: AtomicU64::new(1),
+                queued: metrics::counter!(m::MESSAGES_QUEUED),
+                dropped_slow: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer"),
+                dropped_closing: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "closing"),
+                dropped_invalid: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "invalid_payload"),
+            }),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn next_session_id(&self) -> SessionId {
+        self.inner.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A node-unique message id, for messages that arrive without one.
+    pub fn next_message_id(&self) -> String {
+        let seq = self.inner.next_message.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{seq}", self.inner.node_id)
+    }
+
+    /// Adds a session, unless its user already has `max_per_user` sessions here. The returned
+    /// guard joins channels for it, and on drop leaves them all and removes the session: a
+    /// session task that returns early or panics cannot stay in the hub.
+    pub fn register(&self, session: Arc<LocalSession>, max_per_user: usize) -> Result<Registration, TooManySessions> {
+        match self.inner.users.entry(session.user.clone()) {
+            Entry::Occupied(mut e) => {
+                if *e.get() >= max_per_user {
+                    return Err(TooManySessions);
+                }
+                *e.get_mut() += 1;
+            }
+            Entry::Vacant(e) => {
+                e.insert(1);
+            }
+        }
+        self.inner.sessions.insert(session.id, session.clone());
+        self.record_sizes();
+        Ok(Registration { hub: self.clone(), session, channels: Vec::new() })
+    }
+
+    /// Removes a session whose channels were all left (by its [`Registration`]).
+    fn unregister(&self, session: &LocalSession) {
+        // Whoever still holds it (a heartbeat step, say) can no longer queue into it.
+        session.outbox.close(CloseReason::Gone);
+        self.inner.sessions.remove(&session.id);
+        if let Entry::Occupied(mut e) = self.inner.users.entry(session.user.clone()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        self.record_sizes();
+    }
+
+    fn record_sizes(&self) {
+        metrics::gauge!(m::CONNECTIONS).set(self.inner.sessions.len() as f64);
+        metrics::gauge!(m::USERS).set(self.inner.users.len() as f64);
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.inner.sessions.len()
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.inner.users.len()
+    }
+
+    pub fn sessions_of(&self, user: &str) -> usize {
+        self.inner.users.get(user).map_or(0, |n| *n)
+    }
+
+    /// Every registered session, for a paced drain.
+    pub fn all_sessions(&self) -> Vec<Arc<LocalSession>> {
+        self.inner.sessions.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Every registered session, weakly: a snapshot that does not keep departed sessions alive
+    /// (the heartbeat sweep walks it over a whole interval).
+    pub fn session_refs(&self) -> Vec<Weak<LocalSession>> {
+        self.inner.sessions.iter().map(|e| Arc::downgrade(e.value())).collect()
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.inner.channels.len()
+    }
+
+    /// Adds `session` to `channel`; the first local session makes it an interest change.
+    fn join(&self, channel: &Arc<str>, topic: Option<&Arc<str>>, session: &Arc<LocalSession>) {
+        let first = {
+            let mut entry = self.inner.channels.entry(channel.clone()).or_insert_with(|| Channel {
+                topic: topic.cloned(),
+                members: Members::default(),
+                live: self.inner.subscriptions.live_on_join(),
+            });
+            entry.members.insert(session.clone());
+            entry.members.len() == 1
+        };
+        if first {
+            self.inner.subscriptions.interest_changed(channel);
+        }
+    }
+
+    /// Removes session `id` from `channel`; drops the channel when it was the last session.
+    fn leave(&self, channel: &Arc<str>, id: SessionId) {
+        let emptied = match self.inner.channels.get_mut(channel) {
+            Some(mut entry) => {
+                entry.members.remove(id);
+                entry.members.is_empty()
+            }
+            None => false,
+        };
+        // The guard above is dropped before touching the map again.
+        if emptied && self.inner.channels.remove_if(channel, |_, c| c.members.is_empty()).is_some() {
+            self.inner.subscriptions.interest_changed(channel);
+        }
+    }
+
+    /// Fans a broker payload out to every local session of `channel`. The payload is decoded
+    /// and encoded once; every session gets a reference-counted copy of the same bytes.
+    pub fn deliver(&self, channel: &str, payload: &Bytes) -> Fanout {
+        let Some(entry) = self.inner.channels.get(channel) else {
+            return Fanout::default();
+        };
+        let delivery = Delivery::decode(payload, entry.topic.as_ref());
+        if delivery.is_invalid() {
+            // A pushnode envelope whose data no client could parse: JSON sessions skip it.
+            self.inner.dropped_invalid.increment(1);
+        }
+        let generation = self.generation();
+        let fallback_id = || self.next_message_id();
+        let mut fanout = Fanout::default();
+        for session in entry.members.iter() {
+            let Some(frame) = delivery.frame(session.format, &fallback_id) else { continue };
+            let frame =
+                Outgoing { frame: frame.clone(), published_us: delivery.ts, persisted: delivery.persisted, generation };
+            match session.outbox.push(frame) {
+                Ok(()) => fanout.delivered += 1,
+                // Too slow to keep up: its outbox is now closing (it resumes from its last id
+                // on reconnect) rather than stalling this fan-out.
+                Err(PushError::Full) => {
+                    fanout.dropped += 1;
+                    self.inner.dropped_slow.increment(1);
+                }
+                // Already leaving; it unregisters itself.
+                Err(PushError::Closed) => {
+                    fanout.dropped += 1;
+                    self.inner.dropped_closing.increment(1);
+                }
+            }
+        }
+        drop(entry);
+        self.inner.queued.increment(fanout.delivered as u64);
+        fanout
+    }
+}
+
+/// A registered session's place in the hub, held by its task: the channels it joined through
+/// it, left again (and the session removed) when it is dropped, however the task ends.
+#[derive(Debug)]
+pub struct Registration {
+    hub: Hub,
+    session: Arc<LocalSession>,
+    /// (broker channel, topic name for topic channels), each at most once.
+    channels: Vec<(Arc<str>, Option<Arc<str>>)>,
+}
+
+impl Registration {
+    pub fn session(&self) -> &Arc<LocalSession> {
+        &self.session
+    }
+
+    /// Joins `channel` (a topic channel when `topic` is given); joining twice is a no-op.
+    pub fn join(&mut self, channel: Arc<str>, topic: Option<Arc<str>>) {
+        if self.channels.iter().any(|(c, _)| *c == channel) {
+            return;
+        }
+        self.hub.join(&channel, topic.as_ref(), &self.session);
+        self.channels.push((channel, topic));
+    }
+
+    /// Leaves `channel` if joined.
+    pub fn leave(&mut self, channel: &str) {
+        if let Some(i) = self.channels.iter().position(|(c, _)| &**c == channel) {
+            let (channel, _) = self.channels.swap_remove(i);
+            self.hub.leave(&channel, self.session.id);
+        }
+    }
+
+    /// The broker channel of joined topic `topic`.
+    pub fn topic_channel(&self, topic: &str) -> Option<&Arc<str>> {
+        self.channels.iter().find(|(_, t)| t.as_deref() == Some(topic)).map(|(c, _)| c)
+    }
+
+    /// How many topic channels are joined.
+    pub fn topic_count(&self) -> usize {
+        self.channels.iter().filter(|(_, t)| t.is_some()).count()
+    }
+}
+
+impl std::ops::Deref for Registration {
+    type Target = LocalSession;
+
+    fn deref(&self) -> &LocalSession {
+        &self.session
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        for (channel, _) in self.channels.drain(..) {
+            self.hub.leave(&channel, self.session.id);
+        }
+        self.hub.unregister(&self.session);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::WireFrame;
+
+    fn session(hub: &Hub, user: &str, capacity: usize) -> Arc<LocalSession> {
+        Arc::new(LocalSession::new(hub.next_session_id(), user.into(), Format::Raw, Outbox::new(capacity)))
+    }
+
+    #[test]
+    fn delivers_to_every_session_of_the_channel_and_nobody_else() {
+        let hub = Hub::new("n1", false);
+        let (a1, a2, b) = (session(&hub, "a", 8), session(&hub, "a", 8), session(&hub, "b", 8));
+        let mut registrations = Vec::new();
+        for (s, channel) in [(&a1, "u:a"), (&a2, "u:a"), (&b, "u:b")] {
+            let mut registration = hub.register(s.clone(), 10).unwrap();
+            registration.join(channel.into(), None);
+            registrations.push(registration);
+        }
+
+        let fanout = hub.deliver("u:a", &Bytes::from_static(b"{\"cnt\":1}"));
+        assert_eq!(fanout, Fanout { delivered: 2, dropped: 0 });
+        assert_eq!((a1.outbox.len(), a2.outbox.len(), b.outbox.len()), (1, 1, 0));
+        let mut batch = Vec::new();
+        a1.outbox.drain_into(&mut batch);
+        assert_eq!(batch[0].frame, WireFrame::text(r#"{"cnt":1}"#.to_owned()));
+    }
+
+    #[test]
+    fn a_full_outbox_is_closed_while_others_still_receive() {
+        let hub = Hub::new("n1", false);
+        let (slow, fast) = (session(&hub, "a", 1), session(&hub, "a", 8));
+        let mut registrations = Vec::new();
+        for s in [&slow, &fast] {
+            let mut registration = hub.register(s.clone(), 10).unwrap();
+            registration.join("u:a".into(), None);
+            registrations.push(registration);
+        }
+        hub.deliver("u:a", &Bytes::from_static(b"1"));
+        let fanout = hub.deliver("u:a", &Bytes::from_static(b"2"));
+        assert_eq!(fanout, Fanout { delivered: 1, dropped: 1 });
+        assert_eq!(slow.outbox.closing(), Some(CloseReason::SlowConsumer));
+        assert_eq!(fast.outbox.len(), 2);
+    }
+
+    #[test]
+    fn per_user_limit_and_counts() {
+        let hub = Hub::new("n1", false);
+        let (s1, s2) = (session(&hub, "a", 1), session(&hub, "a", 1));
+        let registration = hub.register(s1.clone(), 1).unwrap();
+        assert_eq!(hub.register(s2, 1).err(), Some(TooManySessions));
+        assert_eq!((hub.session_count(), hub.user_count(), hub.sessions_of("a")), (1, 1, 1));
+        drop(registration);
+        assert_eq!((hub.session_count(), hub.user_count(), hub.sessions_of("a")), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_dropped_registration_leaves_every_channel_even_when_its_task_panics() {
+        let hub = Hub::new("n1", true);
+        let subscriptions = hub.subscriptions();
+        let s = session(&hub, "a", 8);
+        let task = {
+            let (hub, s) = (hub.clone(), s.clone());
+            std::thread::spawn(move || {
+                let mut registration = hub.register(s, 1).unwrap();
+                registration.join("u:a".into(), None);
+                registration.join("t:news".into(), Some("news".into()));
+                registration.join("t:news".into(), Some("news".into()));
+                assert_eq!(registration.topic_count(), 1);
+                panic!("a session task failing on purpose");
+            })
+        };
+        assert!(task.join().is_err(), "the thread panicked");
+        let mut changes = subscriptions.take_changes();
+        changes.sort();
+        assert_eq!(changes, vec![Arc::<str>::from("t:news"), "u:a".into()], "joined, then left");
+        assert_eq!((hub.session_count(), hub.channel_count(), hub.sessions_of("a")), (0, 0, 0));
+        assert_eq!(s.outbox.closing(), Some(CloseReason::Gone), "nothing can queue into it any more");
+        assert!(hub.register(s, 1).is_ok(), "the per-user limit was given back");
+    }
+}
