@@ -17,7 +17,9 @@ const INLINE_MAX: usize = 8;
 #[derive(Debug)]
 pub(super) enum Members {
     Few(Vec<Arc<LocalSession>>),
-    Many(IndexMap<SessionId, Arc<LocalSession>>),
+    /// Boxed: every user channel holds a `Members`, and few channels ever need the map; the
+    /// enum stays the size of a vector.
+    Many(Box<IndexMap<SessionId, Arc<LocalSession>>>),
 }
 
 impl Default for Members {
@@ -34,7 +36,7 @@ impl Members {
             Self::Few(list) => {
                 let mut map: IndexMap<SessionId, Arc<LocalSession>> = list.drain(..).map(|s| (s.id, s)).collect();
                 map.insert(session.id, session);
-                *self = Self::Many(map);
+                *self = Self::Many(Box::new(map));
             }
             Self::Many(map) => {
                 map.insert(session.id, session);
