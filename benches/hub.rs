@@ -31,7 +31,7 @@ fn fanout(c: &mut Criterion) {
                 let s =
                     LocalSession::new(hub.next_session_id(), format!("u{i}").into(), Format::Json, Outbox::new(1024));
                 let mut registration = hub.register(Arc::new(s), 1).expect("one session per user");
-                registration.join(channel.clone(), Some("all".into()));
+                registration.join_topic(channel.clone(), "all".into());
                 registration
             })
             .collect();
@@ -71,16 +71,16 @@ fn leave(c: &mut Criterion) {
                             Outbox::new(16),
                         );
                         let mut registration = hub.register(Arc::new(s), 1).expect("one session per user");
-                        registration.join(channel.clone(), Some("all".into()));
+                        registration.join_topic(channel.clone(), "all".into());
                         registration
                     })
                     .collect();
                 fastrand::Rng::with_seed(7).shuffle(&mut registrations);
-                (channel, registrations)
+                registrations
             },
-            |(channel, mut registrations)| {
+            |mut registrations| {
                 for registration in &mut registrations {
-                    registration.leave(&channel);
+                    registration.leave_topic("all");
                 }
                 // Dropped outside the measurement: unregistering is not leaving.
                 registrations

@@ -158,7 +158,7 @@ impl Hub {
         }
         self.inner.sessions.insert(session.id, session.clone());
         self.record_sizes();
-        Ok(Registration { hub: self.clone(), session, channels: Vec::new() })
+        Ok(Registration { hub: self.clone(), session, user_channel: None, topics: Vec::new() })
     }
 
     /// Removes a session whose channels were all left (by its [`Registration`]).
@@ -283,8 +283,11 @@ impl Hub {
 pub struct Registration {
     hub: Hub,
     session: Arc<LocalSession>,
-    /// (broker channel, topic name for topic channels), each at most once.
-    channels: Vec<(Arc<str>, Option<Arc<str>>)>,
+    /// The user's own channel, once joined. Kept apart from the topics so that a session
+    /// without topics allocates nothing here (a vector's first push reserves four entries).
+    user_channel: Option<Arc<str>>,
+    /// Joined topic channels: (broker channel, topic name), each at most once.
+    topics: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Registration {
@@ -292,31 +295,37 @@ impl Registration {
         &self.session
     }
 
-    /// Joins `channel` (a topic channel when `topic` is given); joining twice is a no-op.
-    pub fn join(&mut self, channel: Arc<str>, topic: Option<Arc<str>>) {
-        if self.channels.iter().any(|(c, _)| *c == channel) {
-            return;
+    /// Joins the user's own channel (once; joining it again is a no-op).
+    pub fn join_user(&mut self, channel: Arc<str>) {
+        if self.user_channel.is_none() {
+            self.hub.join(&channel, None, &self.session);
+            self.user_channel = Some(channel);
         }
-        self.hub.join(&channel, topic.as_ref(), &self.session);
-        self.channels.push((channel, topic));
     }
 
-    /// Leaves `channel` if joined.
-    pub fn leave(&mut self, channel: &str) {
-        if let Some(i) = self.channels.iter().position(|(c, _)| &**c == channel) {
-            let (channel, _) = self.channels.swap_remove(i);
+    /// Joins topic `topic` on broker channel `channel`; joining twice is a no-op.
+    pub fn join_topic(&mut self, channel: Arc<str>, topic: Arc<str>) {
+        if !self.has_topic(&topic) {
+            self.hub.join(&channel, Some(&topic), &self.session);
+            self.topics.push((channel, topic));
+        }
+    }
+
+    /// Leaves topic `topic` if joined.
+    pub fn leave_topic(&mut self, topic: &str) {
+        if let Some(i) = self.topics.iter().position(|(_, t)| &**t == topic) {
+            let (channel, _) = self.topics.swap_remove(i);
             self.hub.leave(&channel, self.session.id);
         }
     }
 
-    /// The broker channel of joined topic `topic`.
-    pub fn topic_channel(&self, topic: &str) -> Option<&Arc<str>> {
-        self.channels.iter().find(|(_, t)| t.as_deref() == Some(topic)).map(|(c, _)| c)
+    pub fn has_topic(&self, topic: &str) -> bool {
+        self.topics.iter().any(|(_, t)| &**t == topic)
     }
 
-    /// How many topic channels are joined.
+    /// How many topics are joined.
     pub fn topic_count(&self) -> usize {
-        self.channels.iter().filter(|(_, t)| t.is_some()).count()
+        self.topics.len()
     }
 }
 
@@ -330,7 +339,10 @@ impl std::ops::Deref for Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        for (channel, _) in self.channels.drain(..) {
+        for (channel, _) in self.topics.drain(..) {
+            self.hub.leave(&channel, self.session.id);
+        }
+        if let Some(channel) = self.user_channel.take() {
             self.hub.leave(&channel, self.session.id);
         }
         self.hub.unregister(&self.session);
@@ -353,7 +365,7 @@ mod tests {
         let mut registrations = Vec::new();
         for (s, channel) in [(&a1, "u:a"), (&a2, "u:a"), (&b, "u:b")] {
             let mut registration = hub.register(s.clone(), 10).unwrap();
-            registration.join(channel.into(), None);
+            registration.join_user(channel.into());
             registrations.push(registration);
         }
 
@@ -372,7 +384,7 @@ mod tests {
         let mut registrations = Vec::new();
         for s in [&slow, &fast] {
             let mut registration = hub.register(s.clone(), 10).unwrap();
-            registration.join("u:a".into(), None);
+            registration.join_user("u:a".into());
             registrations.push(registration);
         }
         hub.deliver("u:a", &Bytes::from_static(b"1"));
@@ -402,9 +414,9 @@ mod tests {
             let (hub, s) = (hub.clone(), s.clone());
             std::thread::spawn(move || {
                 let mut registration = hub.register(s, 1).unwrap();
-                registration.join("u:a".into(), None);
-                registration.join("t:news".into(), Some("news".into()));
-                registration.join("t:news".into(), Some("news".into()));
+                registration.join_user("u:a".into());
+                registration.join_topic("t:news".into(), "news".into());
+                registration.join_topic("t:news".into(), "news".into());
                 assert_eq!(registration.topic_count(), 1);
                 panic!("a session task failing on purpose");
             })

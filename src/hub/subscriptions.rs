@@ -225,13 +225,13 @@ mod tests {
         let subscriptions = hub.subscriptions();
         let ((_, mut r1), (_, mut r2)) = (register(&hub, "a"), register(&hub, "a"));
         let channel: Arc<str> = "u:a".into();
-        r1.join(channel.clone(), None);
-        r2.join(channel.clone(), None);
+        r1.join_user(channel.clone());
+        r2.join_user(channel.clone());
         assert_eq!(subscriptions.take_changes(), vec![channel.clone()]);
-        r1.leave(&channel);
+        drop(r1);
         assert!(subscriptions.take_changes().is_empty());
         assert!(subscriptions.is_wanted("u:a"));
-        r2.leave(&channel);
+        drop(r2);
         assert_eq!(subscriptions.take_changes(), vec![channel.clone()]);
         assert!(!subscriptions.is_wanted("u:a"));
         assert_eq!(hub.channel_count(), 0);
@@ -244,9 +244,9 @@ mod tests {
         let ((user, mut ru), (other, mut ro), (listener, mut rl)) =
             (register(&hub, "a"), register(&hub, "b"), register(&hub, "c"));
         let (ua, ub, topic): (Arc<str>, Arc<str>, Arc<str>) = ("u:a".into(), "u:b".into(), "t:news".into());
-        ru.join(ua.clone(), None);
-        ro.join(ub.clone(), None);
-        rl.join(topic.clone(), Some("news".into()));
+        ru.join_user(ua.clone());
+        ro.join_user(ub.clone());
+        rl.join_topic(topic.clone(), "news".into());
         subscriptions.mark_live(&[ua.clone(), ub.clone(), topic.clone()]);
         let generation = hub.generation();
 

@@ -132,7 +132,7 @@ where
     // Registered here, before the task first runs: the guard is in the hub's books from now
     // on, and whatever becomes of the task (it ends, panics, or is dropped unpolled) dropping
     // the guard takes the session out again.
-    let session = match ctx.hub.register(local, ctx.max_per_user) {
+    let mut session = match ctx.hub.register(local, ctx.max_per_user) {
         Ok(registration) => Ok(Session {
             ws,
             user_channel: ctx.names.user(&identity.user),
@@ -148,11 +148,13 @@ where
         Err(TooManySessions) => Err(ws),
     };
     async move {
-        let reason = match session {
-            Ok(mut session) => session.run().await,
-            Err(mut ws) => {
+        // Borrowed, not moved out: a binding moved out of `session` would be a second copy of
+        // the session in this future, whose size every connection pays (~900 bytes).
+        let reason = match &mut session {
+            Ok(session) => session.run().await,
+            Err(ws) => {
                 // Raced past the pre-upgrade check; refuse with a close code instead.
-                Box::pin(close(&mut ws, CloseReason::TooManyConnections)).await;
+                Box::pin(close(ws, CloseReason::TooManyConnections)).await;
                 CloseReason::TooManyConnections
             }
         };
@@ -188,7 +190,7 @@ where
     /// when the session is dropped.
     async fn run(&mut self) -> CloseReason {
         metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
-        self.registration.join(self.user_channel.clone(), None);
+        self.registration.join_user(self.user_channel.clone());
         // The welcome means "what is published from now on reaches you": wait (bounded) for
         // the broker to confirm the subscription. Frames queued meanwhile are kept.
         self.ctx.hub.wait_live(&self.user_channel, self.ctx.subscribe_wait).await;
@@ -279,9 +281,7 @@ where
             ClientFrame::Subscribe { channel } => self.subscribe(channel).await,
             ClientFrame::Read { ids, up_to, all } => self.mark_read(ids, up_to, all).await,
             ClientFrame::Unsubscribe { channel } => {
-                if let Some(broker_channel) = self.registration.topic_channel(&channel).cloned() {
-                    self.registration.leave(&broker_channel);
-                }
+                self.registration.leave_topic(&channel);
                 // Unsubscribing from a channel one is not in is not an error: the end state holds.
                 self.send(&ServerFrame::Unsubscribed { channel }).await
             }
@@ -299,7 +299,7 @@ where
         if topic == test_hooks::PANIC_TOPIC {
             panic!("session task panics on purpose (test hook)");
         }
-        if self.registration.topic_channel(&topic).is_none() {
+        if !self.registration.has_topic(&topic) {
             if self.registration.topic_count() >= self.ctx.max_topics {
                 return self.reply_error(ErrorCode::TooManyChannels, "topic channel limit reached").await;
             }
@@ -310,7 +310,7 @@ where
             if matches!(self.ctx.names.parse(&channel), Some(ChannelKind::User(_))) {
                 return self.reply_error(ErrorCode::NotAllowed, "channel is a user's channel").await;
             }
-            self.registration.join(channel.clone(), Some(topic));
+            self.registration.join_topic(channel.clone(), topic);
             self.ctx.hub.wait_live(&channel, self.ctx.subscribe_wait).await;
         }
         self.send(&ServerFrame::Subscribed { channel: topic }).await
