@@ -56,7 +56,7 @@ where
         if self.ctx.inbox.is_some() && self.resync_at.is_none() {
             // Without last_id: the unread ones. With it: everything after it, read or not.
             let unread_only = self.last_id.is_none();
-            self.replay(self.last_id, unread_only, &[]).await?;
+            self.replay(self.last_id, unread_only).await?;
             if let Some(newest) = state.newest {
                 self.resume.advance(newest);
             }
@@ -70,14 +70,12 @@ where
         Ok(())
     }
 
-    /// Writes inbox notifications after `after` (up to the replay limit), except `written`
-    /// (already sent live), and records them.
-    async fn replay(
-        &mut self,
-        after: Option<NoteId>,
-        unread_only: bool,
-        written: &[NoteId],
-    ) -> Result<(), CloseReason> {
+    /// Writes one page (the replay limit) of inbox notifications after `after`, and records
+    /// them. A full page may not be all: the rest is a gap, replayed next (live persisted
+    /// frames wait meanwhile, so the client's newest id stays a safe resume point). A failed
+    /// read keeps the gap and is retried with backoff (counted in
+    /// `pushnode_inbox_errors_total{operation="list"}`).
+    async fn replay(&mut self, after: Option<NoteId>, unread_only: bool) -> Result<(), CloseReason> {
         let Some(inbox) = self.ctx.inbox.clone() else { return Ok(()) };
         let stored = match inbox.list(&self.identity.user, after, self.ctx.replay_limit, unread_only).await {
             Ok(stored) => stored,
@@ -89,20 +87,26 @@ where
                 let delay = retry_delay(self.replay_failures);
                 debug!(error = %e, retry_in = ?delay, "inbox replay failed");
                 self.resume.reopen_gap(after);
-                self.resume.still_written(written);
                 self.resync_at = Some(tokio::time::Instant::now() + delay);
                 return Ok(());
             }
         };
         self.replay_failures = 0;
+        let page_end = (stored.len() >= self.ctx.replay_limit).then(|| stored.last().map(|note| note.id)).flatten();
         let mut frames = Vec::with_capacity(stored.len());
-        for note in stored.into_iter().filter(|note| !written.contains(&note.id)) {
+        for note in stored {
             let frame = encode_stored(note.id, note.ts_us, note.event.as_deref(), &note.data, note.read);
             frames.push(Outgoing::control(frame));
             self.resume.advance(note.id);
         }
         metrics::counter!(m::INBOX_REPLAYED).increment(frames.len() as u64);
-        self.write_frames(&mut frames).await
+        self.write_frames(&mut frames).await?;
+        if let Some(end) = page_end {
+            // The next page right away (still bounded: one page per pass of the session loop).
+            self.resume.reopen_gap(Some(end));
+            self.resync_at = Some(tokio::time::Instant::now());
+        }
+        Ok(())
     }
 
     /// Opens a gap when the broker's generation moved past the session's, or when the session's
@@ -129,9 +133,9 @@ where
             self.resync_at = Some(resync_deadline() + RESYNC_RECHECK);
             return Ok(());
         }
-        let written = self.resume.gap_filled();
-        debug!(after = ?base, "replaying a broker gap");
-        self.replay(base, false, &written).await
+        self.resume.gap_filled();
+        debug!(after = ?base, "replaying a gap");
+        self.replay(base, false).await
     }
 
     pub(super) async fn mark_read(

@@ -341,7 +341,11 @@ where
             if let Some(newest) = self.batch.iter().map(|o| o.generation).max() {
                 self.on_generation(newest);
             }
-            if self.resume.pending_gap().is_some() && self.ctx.hub.is_live(&self.user_channel) {
+            // Replayed at once when the channel is back, unless replays have been failing:
+            // then the retry waits for its backoff (live persisted frames wait with it).
+            let retry_due =
+                self.replay_failures == 0 || self.resync_at.is_none_or(|at| at <= tokio::time::Instant::now());
+            if self.resume.pending_gap().is_some() && retry_due && self.ctx.hub.is_live(&self.user_channel) {
                 self.resync().await?;
             }
             let resume = &mut self.resume;

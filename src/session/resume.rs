@@ -7,15 +7,13 @@
 //! - a live frame from a newer generation, a generation change, or an interruption of the
 //!   session's own channel means the subscription was lost in between: everything after `high`
 //!   as it was then must be replayed from the inbox once the channel is subscribed again;
-//! - a replay writes every id after its base, even below `high` (those are the gap), except the
-//!   ones written live while the gap was pending (the new subscription can deliver before the
-//!   replay runs); past [`LIVE_DURING_GAP`] of those, duplicates are possible (ids tell).
+//! - while a gap is pending, no live persisted notification is written: it is in the inbox
+//!   after the gap's base, so the replay writes it, in order. Written live, it would put a newer
+//!   id on the client before older missing ones, and a client resuming from its newest id (as
+//!   `pushnode.js` does) would skip the gap for good. Frames without an id still pass;
+//! - a replay writes every id after its base, even below `high` (those are the gap).
 
 use crate::protocol::NoteId;
-
-/// Live persisted ids remembered while a gap is pending, so the replay skips them. A bound, not
-/// a target: a gap is normally replayed within a second, before many arrive.
-const LIVE_DURING_GAP: usize = 64;
 
 #[derive(Debug, Default)]
 pub(super) struct Resume {
@@ -25,13 +23,11 @@ pub(super) struct Resume {
     generation: u64,
     /// A gap to replay: everything after this id (`None` inside: from the oldest).
     gap: Option<Option<NoteId>>,
-    /// Persisted ids written live while the gap was pending (at most [`LIVE_DURING_GAP`]).
-    live_during_gap: Vec<NoteId>,
 }
 
 impl Resume {
     pub(super) fn new(generation: u64) -> Self {
-        Self { high: None, generation, gap: None, live_during_gap: Vec::new() }
+        Self { high: None, generation, gap: None }
     }
 
     /// Records that ids up to `id` were accounted for (written, or deliberately not: read).
@@ -58,12 +54,11 @@ impl Resume {
         self.on_generation(generation);
         match id {
             None => true,
+            // The replay of the gap writes it (see the module's rules).
+            Some(_) if self.gap.is_some() => false,
             Some(id) if self.high.is_some_and(|h| id <= h) => false,
             Some(id) => {
                 self.high = Some(id);
-                if self.gap.is_some() && self.live_during_gap.len() < LIVE_DURING_GAP {
-                    self.live_during_gap.push(id);
-                }
                 true
             }
         }
@@ -74,17 +69,9 @@ impl Resume {
         self.gap
     }
 
-    /// The gap is being replayed: returns the ids already written live meanwhile, which the
-    /// replay skips.
-    pub(super) fn gap_filled(&mut self) -> Vec<NoteId> {
+    /// The gap is being replayed (if that fails, [`Resume::reopen_gap`] puts it back).
+    pub(super) fn gap_filled(&mut self) {
         self.gap = None;
-        std::mem::take(&mut self.live_during_gap)
-    }
-
-    /// A replay that was to skip `written` could not be done: they stay skipped for the retry.
-    pub(super) fn still_written(&mut self, written: &[NoteId]) {
-        let room = LIVE_DURING_GAP.saturating_sub(self.live_during_gap.len());
-        self.live_during_gap.extend(written.iter().take(room));
     }
 
     /// A replay after `base` could not be done (inbox unreachable); it stays pending.
@@ -120,8 +107,9 @@ mod tests {
     fn a_frame_from_a_new_generation_opens_a_gap_from_the_old_high_mark() {
         let mut r = Resume::new(1);
         assert!(r.admit_live(Some(id(3)), 1));
-        // Subscription lost and restored: 4 and 5 were missed, 6 arrives live first.
-        assert!(r.admit_live(Some(id(6)), 3));
+        // Subscription lost and restored: 4 and 5 were missed, 6 arrives live first and waits
+        // for the replay of the gap, which writes 4, 5 and 6 in order.
+        assert!(!r.admit_live(Some(id(6)), 3));
         assert_eq!(r.pending_gap(), Some(Some(id(3))));
         r.gap_filled();
         assert_eq!(r.pending_gap(), None);
@@ -143,22 +131,28 @@ mod tests {
         assert!(r.admit_live(Some(id(3)), 4));
         r.interrupt();
         assert_eq!(r.pending_gap(), Some(Some(id(3))));
-        assert!(r.admit_live(Some(id(7)), 4), "frames of the same generation still pass");
+        assert!(!r.admit_live(Some(id(7)), 4), "a persisted frame waits for the gap's replay");
+        assert!(r.admit_live(None, 4), "frames without an id still pass");
         r.interrupt();
         assert_eq!(r.pending_gap(), Some(Some(id(3))), "the first base is kept until filled");
     }
 
     #[test]
-    fn ids_written_live_while_a_gap_is_pending_are_not_replayed_again() {
+    fn no_persisted_frame_newer_than_a_pending_gap_is_written() {
         let mut r = Resume::new(1);
         assert!(r.admit_live(Some(id(2)), 1));
         r.interrupt();
-        // The new subscription delivers 5 before the replay of the gap after 2 runs.
-        assert!(r.admit_live(Some(id(5)), 1));
-        assert_eq!(r.pending_gap(), Some(Some(id(2))));
-        assert_eq!(r.gap_filled(), vec![id(5)], "the replay must skip 5");
-        assert!(r.admit_live(Some(id(6)), 1));
-        r.interrupt();
-        assert_eq!(r.gap_filled(), Vec::<NoteId>::new(), "a new gap starts with nothing to skip");
+        for n in 3..10 {
+            assert!(!r.admit_live(Some(id(n)), 1), "{n} arrived live while the gap after 2 is pending");
+        }
+        // The replay fails: the gap stays, and so does the rule.
+        r.gap_filled();
+        r.reopen_gap(Some(id(2)));
+        assert!(!r.admit_live(Some(id(10)), 1));
+        // The replay writes 3..=10; live duplicates of it are skipped, newer ones pass.
+        r.gap_filled();
+        r.advance(id(10));
+        assert!(!r.admit_live(Some(id(10)), 1));
+        assert!(r.admit_live(Some(id(11)), 1));
     }
 }
