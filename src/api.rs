@@ -7,7 +7,7 @@
 use axum::Router;
 use axum::body::to_bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -127,6 +127,55 @@ pub struct PublishResponse {
     /// idempotency key had been seen already (then nothing new was sent).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<PersistedNotification>,
+    /// With status 503 only: the targets that were not published (the others were, and are
+    /// counted in `channels` and listed in `notifications`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedTarget>,
+    /// With status 503 only: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A target a publish did not reach.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailedTarget {
+    /// The user, for user targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The topic, for a channel target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    pub error: String,
+}
+
+impl PublishResponse {
+    /// 200 when every target was published; 503 (with `Retry-After`) naming the targets that
+    /// were not, when any was not.
+    fn into_response(mut self) -> Response {
+        if self.failed.is_empty() {
+            return Json(self).into_response();
+        }
+        let failed = self.failed.len();
+        let first = &self.failed[0].error;
+        self.error = Some(format!("{failed} of {} targets not published; first: {first}", failed + self.channels));
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(self)).into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    }
+}
+
+/// Where one publish goes: a broker channel, and the user or topic it stands for.
+#[derive(Debug)]
+struct Target {
+    channel: std::sync::Arc<str>,
+    user: Option<String>,
+    topic: Option<String>,
+}
+
+impl Target {
+    fn failed(&self, error: String) -> FailedTarget {
+        FailedTarget { user: self.user.clone(), channel: self.topic.clone(), error }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -137,10 +186,13 @@ pub struct PersistedNotification {
     pub duplicate: bool,
 }
 
-async fn publish(State(node): State<Node>, req: Request) -> Result<Json<PublishResponse>, ApiError> {
+/// Publishes to every target, one after the other. A target Redis refuses is reported and the
+/// others still go out; once Redis is out of reach, the remaining targets are reported as not
+/// published without trying each (each try would wait for the connect timeout).
+async fn publish(State(node): State<Node>, req: Request) -> Result<Response, ApiError> {
     let body = read_json_body(&node, req).await?;
     let request = PublishRequest::parse(&body)?;
-    let channels = targets(&node, &request)?;
+    let targets = targets(&node, &request)?;
     if let Some(event) = &request.event
         && (event.is_empty() || event.len() > MAX_EVENT_LEN)
     {
@@ -155,52 +207,74 @@ async fn publish(State(node): State<Node>, req: Request) -> Result<Json<PublishR
         }
     }
     if request.persist {
-        return persist(&node, &request, channels.len()).await;
+        return persist(&node, &request, &targets).await;
     }
 
     let id = node.hub().next_message_id();
     let payload = Envelope::new(&id, request.event.as_deref(), &request.data).encode();
-    for channel in &channels {
-        node.broker()
-            .publish(channel, payload.clone())
-            .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mut response = PublishResponse { id, channels: 0, notifications: Vec::new(), failed: Vec::new(), error: None };
+    let mut unavailable: Option<String> = None;
+    for target in &targets {
+        if let Some(error) = &unavailable {
+            response.failed.push(target.failed(error.clone()));
+            continue;
+        }
+        match node.broker().publish(&target.channel, payload.clone()).await {
+            Ok(()) => response.channels += 1,
+            Err(e) => {
+                if e.is_unavailable() {
+                    unavailable = Some(e.to_string());
+                }
+                response.failed.push(target.failed(e.to_string()));
+            }
+        }
     }
-    metrics::counter!(m::MESSAGES_PUBLISHED).increment(channels.len() as u64);
-    Ok(Json(PublishResponse { id, channels: channels.len(), notifications: Vec::new() }))
+    metrics::counter!(m::MESSAGES_PUBLISHED).increment(response.channels as u64);
+    Ok(response.into_response())
 }
 
-/// Persisted publish: each user's inbox appends and publishes atomically.
-async fn persist(node: &Node, request: &PublishRequest, channels: usize) -> Result<Json<PublishResponse>, ApiError> {
-    let users: Vec<&str> = match (&request.user, &request.users) {
-        (Some(user), _) => vec![user.as_str()],
-        (None, Some(users)) => {
-            let mut users: Vec<&str> = users.iter().map(String::as_str).collect();
-            users.sort_unstable();
-            users.dedup();
-            users
+/// Persisted publish: each user's inbox appends and publishes atomically, and the idempotency
+/// key is kept per user, so a retry of a partly failed publish notifies each user once.
+async fn persist(node: &Node, request: &PublishRequest, targets: &[Target]) -> Result<Response, ApiError> {
+    if request.channel.is_some() {
+        return Err(ApiError::field("persist", "persisted notifications go to user or users"));
+    }
+    let mut response =
+        PublishResponse { id: String::new(), channels: 0, notifications: Vec::new(), failed: Vec::new(), error: None };
+    let mut unavailable: Option<String> = None;
+    for target in targets {
+        let Some(user) = target.user.as_deref() else { continue };
+        if let Some(error) = &unavailable {
+            response.failed.push(target.failed(error.clone()));
+            continue;
         }
-        (None, None) => return Err(ApiError::field("persist", "persisted notifications go to user or users")),
-    };
-    let mut notifications = Vec::with_capacity(users.len());
-    for user in users {
-        let appended = node
+        match node
             .inbox()
             .append(user, request.event.as_deref(), &request.data, request.idempotency_key.as_deref())
             .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-        if !appended.duplicate {
-            metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
+        {
+            Ok(appended) => {
+                if !appended.duplicate {
+                    metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
+                }
+                response.channels += 1;
+                response.notifications.push(PersistedNotification {
+                    user: user.to_owned(),
+                    id: appended.id.to_string(),
+                    unread: appended.unread,
+                    duplicate: appended.duplicate,
+                });
+            }
+            Err(e) => {
+                if e.is_unavailable() {
+                    unavailable = Some(e.to_string());
+                }
+                response.failed.push(target.failed(e.to_string()));
+            }
         }
-        notifications.push(PersistedNotification {
-            user: user.to_owned(),
-            id: appended.id.to_string(),
-            unread: appended.unread,
-            duplicate: appended.duplicate,
-        });
     }
-    let id = notifications.first().map(|n| n.id.clone()).unwrap_or_default();
-    Ok(Json(PublishResponse { id, channels, notifications }))
+    response.id = response.notifications.first().map(|n| n.id.clone()).unwrap_or_default();
+    Ok(response.into_response())
 }
 
 /// `GET /api/users/{user}/notifications?unread=true&after=<id>&limit=N`
@@ -323,14 +397,16 @@ async fn read_json_body(node: &Node, req: Request) -> Result<bytes::Bytes, ApiEr
 }
 
 /// Resolves the request's target to broker channels, naming the field at fault.
-fn targets(node: &Node, request: &PublishRequest) -> Result<Vec<std::sync::Arc<str>>, ApiError> {
+/// The request's targets, one per broker channel (a `users` list sorted and de-duplicated).
+fn targets(node: &Node, request: &PublishRequest) -> Result<Vec<Target>, ApiError> {
     let names = node.names();
     let given = [request.user.is_some(), request.users.is_some(), request.channel.is_some()];
     if given.iter().filter(|g| **g).count() != 1 {
         return Err(ApiError::field("user", "give exactly one of user, users, channel"));
     }
+    let for_user = |user: &str| Target { channel: names.user(user), user: Some(user.to_owned()), topic: None };
     if let Some(user) = &request.user {
-        return check_name("user", user).map(|()| vec![names.user(user)]);
+        return check_name("user", user).map(|()| vec![for_user(user)]);
     }
     if let Some(channel) = &request.channel {
         check_name("channel", channel)?;
@@ -340,21 +416,21 @@ fn targets(node: &Node, request: &PublishRequest) -> Result<Vec<std::sync::Arc<s
         if matches!(names.parse(&topic), Some(ChannelKind::User(_))) {
             return Err(ApiError::field("channel", "renders to a user's channel"));
         }
-        return Ok(vec![topic]);
+        return Ok(vec![Target { channel: topic, user: None, topic: Some(channel.clone()) }]);
     }
     let users = request.users.as_deref().unwrap_or_default();
     let max = node.settings().limits.max_publish_users;
     if users.is_empty() || users.len() > max {
         return Err(ApiError::field("users", format!("must name 1 to {max} users")));
     }
-    let mut channels = Vec::with_capacity(users.len());
+    let mut targets = Vec::with_capacity(users.len());
     for (i, user) in users.iter().enumerate() {
         check_name(&format!("users[{i}]"), user)?;
-        channels.push(names.user(user));
+        targets.push(for_user(user));
     }
-    channels.sort_unstable();
-    channels.dedup();
-    Ok(channels)
+    targets.sort_unstable_by(|a, b| a.user.cmp(&b.user));
+    targets.dedup_by(|a, b| a.user == b.user);
+    Ok(targets)
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), ApiError> {

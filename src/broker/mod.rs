@@ -25,14 +25,28 @@ pub use self::redis::RedisBroker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// Redis cannot be reached (or did not answer in time): nothing more will get through
+    /// until it is back.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// Redis answered this publish with an error (a permission, say); others may still work.
+    #[error("broker refused the publish: {0}")]
+    Refused(String),
 }
 
 impl From<LinkError> for BrokerError {
     fn from(e: LinkError) -> Self {
-        // Whatever went wrong, the message was not published.
-        Self::Unavailable(e.to_string())
+        match e {
+            LinkError::Command(e) => Self::Refused(e),
+            e => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl BrokerError {
+    /// Whether Redis itself is out of reach (not just refusing this one command).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
 }
 

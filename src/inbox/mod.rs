@@ -103,13 +103,26 @@ impl ReadScope {
 pub enum InboxError {
     #[error("inbox unavailable: {0}")]
     Unavailable(String),
+    /// Redis answered this call with an error (a permission, say); others may still work.
+    #[error("inbox refused the call: {0}")]
+    Refused(String),
     #[error("inbox returned something unexpected: {0}")]
     Corrupt(String),
 }
 
 impl From<LinkError> for InboxError {
     fn from(e: LinkError) -> Self {
-        Self::Unavailable(e.to_string())
+        match e {
+            LinkError::Command(e) => Self::Refused(e),
+            e => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl InboxError {
+    /// Whether the store itself is out of reach (not just refusing this one call).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
 }
 
