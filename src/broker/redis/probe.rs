@@ -32,6 +32,9 @@ pub(super) struct Probes {
 
 impl Probes {
     pub(super) fn new(node_id: &str) -> Self {
+        // 0 ("never") until the first probe comes back: a node that never completes one is
+        // stale for the alert too, which an absent series would not be.
+        metrics::gauge!(m::BROKER_PROBE_LAST_SUCCESS).set(0.0);
         Self {
             prefix: format!("pushnode:probe:{{{node_id}").into(),
             node_id: node_id.into(),
