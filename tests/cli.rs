@@ -100,21 +100,36 @@ fn token_requires_a_secret_and_prints_a_verifiable_token() {
     assert_eq!((identity.user.as_ref(), identity.channels), ("42", vec!["news".to_owned()]));
 }
 
+/// A `pushnode serve` child, killed if the test fails before it is waited for (a failing test
+/// must not leave a node running).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 #[tokio::test]
 async fn serve_then_publish_from_the_cli_then_sigterm_exits_zero() {
     let (public, internal) = (free_port(), free_port());
-    let child = pushnode()
-        .env("PUSHNODE__SERVER__PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-        .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-        .env("PUSHNODE__SERVER__DRAIN_PERIOD", "200ms")
-        .env("PUSHNODE__AUTH__JWT_SECRET", SECRET)
-        .env("PUSHNODE__AUTH__API_KEYS", API_KEY)
-        .env("PUSHNODE__DEMO__ENABLED", "false")
-        .env("PUSHNODE__LOG__FORMAT", "json")
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(Some(
+        pushnode()
+            .env("PUSHNODE__SERVER__PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+            .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+            .env("PUSHNODE__SERVER__DRAIN_PERIOD", "200ms")
+            .env("PUSHNODE__AUTH__JWT_SECRET", SECRET)
+            .env("PUSHNODE__AUTH__API_KEYS", API_KEY)
+            .env("PUSHNODE__DEMO__ENABLED", "false")
+            .env("PUSHNODE__LOG__FORMAT", "json")
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
 
     let auth = pushnode::auth::Authenticator::new(&pushnode::settings::Auth {
         jwt_secret: SECRET.into(),
@@ -142,10 +157,12 @@ async fn serve_then_publish_from_the_cli_then_sigterm_exits_zero() {
     let n = client.next_json().await;
     assert_eq!((n["event"].as_str(), n["data"]["cnt"].as_u64()), (Some("hello"), Some(3)));
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let pid = child.0.as_ref().unwrap().id();
+    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(status.success());
     assert_eq!(client.close_code().await, 4000);
-    let exit = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let exited = child.0.take().unwrap();
+    let exit = tokio::task::spawn_blocking(move || exited.wait_with_output()).await.unwrap().unwrap();
     assert!(exit.status.success(), "{exit:?}");
     let logs = String::from_utf8_lossy(&exit.stderr);
     assert!(logs.contains("\"pushnode stopped\""), "{logs}");

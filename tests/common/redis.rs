@@ -15,9 +15,20 @@ pub struct RedisServer {
     cluster: bool,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A port that is free now (and, for a cluster node, whose bus port, port + 10000, is free
+/// too). Another program can still take it before the server binds it: [`RedisServer::spawn`]
+/// retries on a fresh port when that happens.
+fn free_port(cluster: bool) -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !cluster || port.checked_add(10_000).is_some_and(|bus| TcpListener::bind(("127.0.0.1", bus)).is_ok()) {
+            return port;
+        }
+    }
 }
+
+/// Attempts at starting a server on a fresh port before a test gives up.
+const SPAWN_ATTEMPTS: usize = 5;
 
 fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
     let out = Command::new("redis-cli")
@@ -31,22 +42,38 @@ fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
 
 impl RedisServer {
     pub fn start() -> Self {
-        Self::spawn(free_port(), false)
+        Self::spawn(false)
     }
 
+    /// On a port the test chose (no retry elsewhere).
     pub fn start_on(port: u16) -> Self {
-        Self::spawn(port, false)
+        Self::try_spawn(port, false).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn spawn(port: u16, cluster: bool) -> Self {
+    /// On a fresh port, retried on another one if the server could not start (its port or, for
+    /// a cluster node, its bus port was taken meanwhile).
+    fn spawn(cluster: bool) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..SPAWN_ATTEMPTS {
+            match Self::try_spawn(free_port(cluster), cluster) {
+                Ok(server) => return server,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("redis-server did not start: {failures:?}");
+    }
+
+    fn try_spawn(port: u16, cluster: bool) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("pushnode-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut server = Self { port, dir, child: None, cluster };
-        server.launch();
-        server
+        server.launch()?;
+        Ok(server)
     }
 
-    fn launch(&mut self) {
+    /// Starts the process and waits until *it* answers: a PING answered by another server that
+    /// holds the port (ours then exits with "address in use") does not count.
+    fn launch(&mut self) -> Result<(), String> {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -66,8 +93,24 @@ impl RedisServer {
                 "2000",
             ]);
         }
-        self.child = Some(command.spawn().expect("cannot start redis-server (install redis-server)"));
-        self.wait_until(|s| s.cli(&["PING"]).is_ok_and(|r| r == "PONG"), "redis-server never answered PING");
+        let child = command.spawn().expect("cannot start redis-server (install redis-server)");
+        let pid = format!("process_id:{}", child.id());
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(format!("redis-server on port {} exited at start: {status}", self.port));
+            }
+            if self.cli(&["INFO", "server"]).is_ok_and(|info| info.lines().any(|l| l.trim() == pid)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("redis-server on port {} never answered", self.port));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn url(&self) -> String {
@@ -100,7 +143,7 @@ impl RedisServer {
     /// Starts it again on the same port (and, in a cluster, with the same node identity).
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        self.launch().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// `PUBSUB NUMSUB channel` (or SHARDNUMSUB on a cluster node).
@@ -162,8 +205,7 @@ impl RedisCluster {
     }
 
     fn create(replicas_per_master: usize) -> Self {
-        let servers: Vec<RedisServer> =
-            (0..3 * (1 + replicas_per_master)).map(|_| RedisServer::spawn(free_port(), true)).collect();
+        let servers: Vec<RedisServer> = (0..3 * (1 + replicas_per_master)).map(|_| RedisServer::spawn(true)).collect();
         let addresses: Vec<String> = servers.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
