@@ -101,8 +101,11 @@ async fn publisher(internal: [SocketAddr; 2], next: Arc<AtomicUsize>) -> HashMap
         let body = json!({
             "user": user, "persist": true, "idempotency_key": format!("n{n}"), "data": { "user": user, "n": n }
         });
-        // Retried with the same idempotency key until accepted: a retry notifies once.
+        // Retried with the same idempotency key until accepted (a retry notifies once), for at
+        // most 30 s: Redis is back within a second of every kill.
+        let deadline = Instant::now() + Duration::from_secs(30);
         let id = loop {
+            assert!(Instant::now() < deadline, "publish {n} not accepted within 30 s");
             let response = http
                 .post(format!("http://{}/api/publish", internal[n % 2]))
                 .bearer_auth(API_KEY)
