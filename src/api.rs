@@ -446,9 +446,12 @@ async fn healthz() -> &'static str {
 async fn readyz(State(node): State<Node>) -> Response {
     let reasons: Vec<&str> = node.readiness().into_iter().map(|r| r.label()).collect();
     let status = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "ready": reasons.is_empty(), "reasons": reasons }))).into_response()
+    let degraded = node.degraded();
+    (status, Json(json!({ "ready": reasons.is_empty(), "reasons": reasons, "degraded": degraded }))).into_response()
 }
 
 async fn metrics_text(State(node): State<Node>) -> impl IntoResponse {
+    let broker_up = node.broker().status().ready;
+    ::metrics::gauge!(m::BROKER_UP).set(if broker_up { 1.0 } else { 0.0 });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render(node.metrics()))
 }

@@ -26,6 +26,7 @@ pub const BROKER_COMMANDS: &str = "pushnode_broker_commands_total";
 pub const BROKER_RESUBSCRIBE_DURATION: &str = "pushnode_broker_resubscribe_duration_seconds";
 pub const BROKER_RECONNECTS: &str = "pushnode_broker_reconnects_total";
 pub const BROKER_CHANNELS_MOVED: &str = "pushnode_broker_channels_moved_total";
+pub const BROKER_UP: &str = "pushnode_broker_up";
 pub const BROKER_PROBE_LAST_SUCCESS: &str = "pushnode_broker_probe_last_success_timestamp_seconds";
 pub const INBOX_APPENDED: &str = "pushnode_inbox_appended_total";
 pub const INBOX_DUPLICATES: &str = "pushnode_inbox_duplicates_total";
@@ -139,6 +140,10 @@ fn describe() {
     describe_counter!(
         BROKER_CHANNELS_MOVED,
         "Sharded channels Redis Cluster unsubscribed because their slot moved to another shard, then subscribed again there"
+    );
+    describe_gauge!(
+        BROKER_UP,
+        "1 while the broker is connected, subscribed and its probes are fresh; 0 otherwise (sampled at scrape)"
     );
     describe_gauge!(
         BROKER_PROBE_LAST_SUCCESS,

@@ -185,7 +185,9 @@ impl Node {
         if self.is_draining() {
             reasons.push(NotReady::Draining);
         }
-        if !self.inner.broker.status().ready {
+        let broker = self.inner.broker.status();
+        let grace = self.inner.settings.broker.unready_after;
+        if !broker.ready && broker.healthy_ago.is_none_or(|ago| ago >= grace) {
             reasons.push(NotReady::Broker);
         }
         if self.inner.admitted.load(Ordering::Acquire) >= self.inner.max_sessions {
@@ -195,5 +197,14 @@ impl Node {
             reasons.push(NotReady::Memory);
         }
         reasons
+    }
+
+    /// What is wrong while the node still counts as ready: its broker is down, but for less
+    /// than `broker.unready_after` (see [`Node::readiness`]).
+    pub fn degraded(&self) -> Vec<&'static str> {
+        let broker = self.inner.broker.status();
+        let grace = self.inner.settings.broker.unready_after;
+        let within_grace = broker.healthy_ago.is_some_and(|ago| ago < grace);
+        if !broker.ready && within_grace { vec![NotReady::Broker.label()] } else { Vec::new() }
     }
 }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, Value};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, TlsCertificates, Value};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
@@ -42,7 +42,8 @@ pub enum LinkError {
 #[derive(Clone)]
 enum Target {
     Single(redis::Client),
-    Cluster(Vec<String>),
+    /// Seed nodes, and the CA file's certificates for `rediss://` nodes.
+    Cluster(Vec<String>, Option<Vec<u8>>),
 }
 
 impl std::fmt::Debug for Target {
@@ -50,7 +51,7 @@ impl std::fmt::Debug for Target {
         // URLs may carry passwords; say only which mode.
         f.write_str(match self {
             Self::Single(_) => "Single",
-            Self::Cluster(_) => "Cluster",
+            Self::Cluster(..) => "Cluster",
         })
     }
 }
@@ -95,18 +96,35 @@ struct Inner {
 impl RedisLink {
     /// The link the broker settings describe, or `None` for the in-process broker.
     pub fn from_settings(settings: &settings::Broker) -> Result<Option<Self>, LinkError> {
+        if settings.kind == BrokerKind::Memory {
+            return Ok(None);
+        }
+        // `rediss://` needs a crypto provider; installing it again (a second link in the same
+        // process) is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca =
+            match &settings.tls_ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    LinkError::Config(format!("broker.tls_ca_file: cannot read {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
         let target = match settings.kind {
             BrokerKind::Memory => return Ok(None),
-            BrokerKind::RedisCluster => Target::Cluster(settings.cluster_nodes.clone()),
+            BrokerKind::RedisCluster => Target::Cluster(settings.cluster_nodes.clone(), ca),
             BrokerKind::Redis => {
-                let info = settings
-                    .redis_url
-                    .as_str()
-                    .into_connection_info()
-                    .map_err(|e| LinkError::Config(format!("broker.redis_url: {e}")))?;
+                let bad_url = |e: redis::RedisError| LinkError::Config(format!("broker.redis_url: {e}"));
+                let info = settings.redis_url.as_str().into_connection_info().map_err(bad_url)?;
                 let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-                let client = redis::Client::open(info.set_redis_settings(resp3))
-                    .map_err(|e| LinkError::Config(format!("broker.redis_url: {e}")))?;
+                let info = info.set_redis_settings(resp3);
+                let client = match ca {
+                    Some(root_cert) => redis::Client::build_with_tls(
+                        info,
+                        TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
+                    ),
+                    None => redis::Client::open(info),
+                }
+                .map_err(bad_url)?;
                 Target::Single(client)
             }
         };
@@ -124,7 +142,7 @@ impl RedisLink {
 
     /// True for a Redis Cluster, whose channels use sharded pub/sub.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.inner.target, Target::Cluster(_))
+        matches!(self.inner.target, Target::Cluster(..))
     }
 
     /// The command that publishes on this deployment's channels: SPUBLISH in a cluster
@@ -204,12 +222,16 @@ impl RedisLink {
                     }
                     client.get_multiplexed_async_connection_with_config(&config).await.map(Conn::Single)
                 }
-                Target::Cluster(nodes) => {
+                Target::Cluster(nodes, ca) => {
                     let mut builder = ClusterClientBuilder::new(nodes.clone())
                         .use_protocol(ProtocolVersion::RESP3)
                         .connection_timeout(connect_timeout)
                         .response_timeout(command_timeout)
                         .retries(2);
+                    if let Some(root_cert) = ca {
+                        builder =
+                            builder.certs(TlsCertificates { client_tls: None, root_cert: Some(root_cert.clone()) });
+                    }
                     if let Some(on_push) = on_push {
                         builder = builder.push_sender(move |info| {
                             on_push(info);

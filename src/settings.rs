@@ -260,6 +260,9 @@ pub struct Broker {
     pub redis_url: String,
     /// Seed nodes for `kind = "redis-cluster"`, e.g. `["redis://10.0.0.1:6379"]`.
     pub cluster_nodes: Vec<String>,
+    /// PEM file of the CA(s) that sign the Redis servers' certificates, for `rediss://` URLs
+    /// with a private CA. Unset: the system's root certificates.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// A channel whose last local session left stays subscribed this long, so reconnect churn
     /// does not turn into SUBSCRIBE/UNSUBSCRIBE traffic.
     #[serde(with = "humantime_serde")]
@@ -288,6 +291,12 @@ pub struct Broker {
     /// How long a new session waits for its channel's subscription before its welcome frame.
     #[serde(with = "humantime_serde")]
     pub subscribe_wait: Duration,
+    /// A node whose broker worked before stays ready (`/readyz` 200, reported as degraded)
+    /// for this long after it stopped working, so a Redis blip does not take every node of a
+    /// fleet out of its Service at once. `0s`: unready at once. A node that never reached
+    /// Redis is not ready.
+    #[serde(with = "humantime_serde")]
+    pub unready_after: Duration,
 }
 
 impl Default for Broker {
@@ -298,6 +307,7 @@ impl Default for Broker {
             topic_channel: "pushnode:topic:{topic}".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             cluster_nodes: Vec::new(),
+            tls_ca_file: None,
             unsubscribe_delay: Duration::from_secs(2),
             subscribe_batch: 500,
             probe_interval: Duration::from_secs(1),
@@ -307,6 +317,7 @@ impl Default for Broker {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
             subscribe_wait: Duration::from_secs(2),
+            unready_after: Duration::from_secs(30),
         }
     }
 }
@@ -321,6 +332,7 @@ impl std::fmt::Debug for Broker {
             .field("topic_channel", &self.topic_channel)
             .field("redis_url", &redact_url(&self.redis_url))
             .field("cluster_nodes", &nodes)
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("unsubscribe_delay", &self.unsubscribe_delay)
             .field("subscribe_batch", &self.subscribe_batch)
             .field("probe_interval", &self.probe_interval)
@@ -330,6 +342,7 @@ impl std::fmt::Debug for Broker {
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
             .field("subscribe_wait", &self.subscribe_wait)
+            .field("unready_after", &self.unready_after)
             .finish()
     }
 }
@@ -568,6 +581,16 @@ impl Settings {
         }
         if self.broker.kind == BrokerKind::RedisCluster && self.broker.cluster_nodes.is_empty() {
             return Err(invalid("broker.cluster_nodes", "at least one seed node is required for redis-cluster"));
+        }
+        if self.broker.tls_ca_file.is_some() {
+            let urls: Vec<&String> = match self.broker.kind {
+                BrokerKind::Redis => vec![&self.broker.redis_url],
+                BrokerKind::RedisCluster => self.broker.cluster_nodes.iter().collect(),
+                BrokerKind::Memory => vec![],
+            };
+            if urls.iter().any(|u| !u.starts_with("rediss://")) {
+                return Err(invalid("broker.tls_ca_file", "is for TLS: the Redis URLs must be rediss://"));
+            }
         }
         if self.broker.kind == BrokerKind::Redis && redis::parse_redis_url(&self.broker.redis_url).is_none() {
             return Err(invalid("broker.redis_url", "not a redis://, rediss:// or redis+unix:// URL"));

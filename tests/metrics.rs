@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{API_KEY, TestNode, metric};
+use common::{API_KEY, TestNode, eventually, metric, subscriber_ids};
 use serde_json::json;
 
 /// `promtool`, or `None` outside CI when it is not installed (the Debian package `prometheus`).
@@ -40,8 +40,13 @@ async fn metrics_describe_real_traffic() {
     assert_eq!(client.next_json().await["data"], 2);
     node.post(&format!("/api/users/{user}/read"), Some(API_KEY), json!({ "all": true }).to_string()).await;
     assert_eq!(client.next_json().await["type"], "unread");
+    let before = subscriber_ids(&redis);
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
-    node.wait_ready(503).await;
+    eventually("the node never opened a new subscriber", || {
+        let now = subscriber_ids(&redis);
+        now.len() == 1 && now != before
+    })
+    .await;
     node.wait_ready(200).await;
 
     // Gauges settle as sessions leave; wait for the one that left.

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{Client, TestNode, WAIT, eventually, on_redis};
+use common::{Client, TestNode, WAIT, eventually, on_redis, subscriber_ids};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,14 +142,20 @@ async fn delivery_resumes(node: &TestNode, client: &mut Client, user: &str) -> D
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_subscriber_connection_is_restored_and_readiness_dips() {
+async fn a_killed_subscriber_connection_is_restored() {
     let redis = RedisServer::start();
     let node = TestNode::on(&redis).await;
     let mut client = node.connect("k").await;
+    let before = subscriber_ids(&redis);
 
     let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
     assert_eq!(killed, "1", "expected exactly the node's subscriber");
-    node.wait_ready(503).await;
+    // A new subscriber connection (not the killed one), fully subscribed again.
+    eventually("the node never opened a new subscriber", || {
+        let now = subscriber_ids(&redis);
+        now.len() == 1 && now != before
+    })
+    .await;
     node.wait_ready(200).await;
     let resumed = delivery_resumes(&node, &mut client, "k").await;
     assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
@@ -202,11 +208,7 @@ async fn a_subscriber_that_silently_stops_receiving_is_detected_by_the_probe() {
     let node = TestNode::with(|s| on_redis(s, &format!("redis://{}", path.addr))).await;
     node.wait_ready(200).await;
     let mut client = node.connect("s").await;
-    let subscriber_ids = || -> Vec<String> {
-        let list = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]).unwrap();
-        list.lines().filter_map(|l| l.split(' ').next()).map(str::to_owned).collect()
-    };
-    let before = subscriber_ids();
+    let before = subscriber_ids(&redis);
     assert_eq!(before.len(), 1, "{before:?}");
 
     // The subscriber's connection stays open but nothing reaches it any more.
@@ -216,8 +218,72 @@ async fn a_subscriber_that_silently_stops_receiving_is_detected_by_the_probe() {
     delivery_resumes(&node, &mut client, "s").await;
     // A new subscriber connection replaced the silent one, which the node let go.
     eventually("the silent subscriber was not replaced", || {
-        let now = subscriber_ids();
+        let now = subscriber_ids(&redis);
         now.len() == 1 && now != before
     })
     .await;
+}
+
+/// `broker.unready_after`: a Redis outage shorter than it keeps the node in its Service
+/// (`/readyz` 200 with `"degraded":["broker"]`, `pushnode_broker_up` 0); a longer one takes it
+/// out; a node that never reached Redis is not ready at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_degrades_readiness_for_a_bounded_time_then_fails_it() {
+    let mut redis = RedisServer::start();
+    let grace = Duration::from_secs(4);
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.broker.unready_after = grace;
+    })
+    .await;
+    node.wait_ready(200).await;
+    let readyz = || async {
+        let (status, body) = node.get("/readyz").await;
+        (status, serde_json::from_str::<serde_json::Value>(&body).unwrap())
+    };
+    let broker_up = || async { common::metric(&node.get("/metrics").await.1, "pushnode_broker_up") };
+    assert_eq!(readyz().await.1["degraded"], json!([]));
+    assert_eq!(broker_up().await, 1.0);
+
+    redis.kill();
+    let killed = Instant::now();
+    // Degraded but ready: the probe goes stale, the reconnects fail.
+    loop {
+        let (status, body) = readyz().await;
+        if body["degraded"] == json!(["broker"]) {
+            assert_eq!(status, 200, "{body}");
+            break;
+        }
+        assert_eq!(status, 200, "unready {:?} into a {grace:?} grace: {body}", killed.elapsed());
+        assert!(killed.elapsed() < grace, "never reported degraded: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(broker_up().await, 0.0);
+    // Then unready, not before the grace is over. The grace counts from the last probe that
+    // came back, at most one probe interval before the kill.
+    node.wait_ready(503).await;
+    let earliest = grace - node.settings.broker.probe_interval;
+    assert!(killed.elapsed() >= earliest, "unready after {:?}, before the {grace:?} grace", killed.elapsed());
+    let (_, body) = readyz().await;
+    assert_eq!((body["reasons"].clone(), body["degraded"].clone()), (json!(["broker"]), json!([])), "{body}");
+
+    redis.restart();
+    node.wait_ready(200).await;
+    assert_eq!(readyz().await.1["degraded"], json!([]));
+    assert_eq!(broker_up().await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_reached_redis_is_not_ready_whatever_the_grace() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = TestNode::with(|s| {
+        on_redis(s, &format!("redis://127.0.0.1:{port}"));
+        s.broker.unready_after = Duration::from_secs(3600);
+    })
+    .await;
+    // Long enough for a first connect attempt and its failure.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = node.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(r#""reasons":["broker"]"#), "{body}");
 }

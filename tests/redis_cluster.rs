@@ -84,7 +84,11 @@ async fn delivery_survives_the_restart_of_the_master_holding_the_users_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_shard_fails_readiness_until_it_delivers_again() {
     let cluster = RedisCluster::start();
-    let node = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
+    let node = TestNode::with(|s| {
+        on_cluster(s, &cluster.nodes());
+        s.broker.probe_timeout = Duration::from_secs(1);
+    })
+    .await;
     node.wait_ready(200).await;
     for m in &cluster.masters {
         let probes = m.cli(&["PUBSUB", "SHARDCHANNELS", "pushnode:probe:*"]).unwrap();
@@ -92,8 +96,8 @@ async fn a_stalled_shard_fails_readiness_until_it_delivers_again() {
     }
 
     for (i, master) in cluster.masters.iter().enumerate() {
-        // Longer than broker.probe_timeout (1 s), shorter than the cluster's node timeout (2 s).
-        let mut sleeper = master.stall(1.8);
+        // Well over broker.probe_timeout (1 s), well under the cluster's node timeout (5 s).
+        let mut sleeper = master.stall(2.5);
         node.wait_ready(503).await;
         sleeper.wait().unwrap();
         node.wait_ready(200).await;
@@ -195,6 +199,8 @@ async fn a_refused_subscription_is_retried_and_its_gap_replayed() {
 /// reaches the session exactly once (live, or replayed after the resubscribe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_follows_a_failover_to_the_replica() {
+    // A failover takes about 5 s here; a loaded 2-core machine gets six times that.
+    const FAILOVER_WAIT: Duration = Duration::from_secs(30);
     let mut cluster = RedisCluster::with_replicas();
     let node = TestNode::with(|s| on_cluster(s, &cluster.nodes())).await;
     node.wait_ready(200).await;
@@ -213,7 +219,7 @@ async fn delivery_follows_a_failover_to_the_replica() {
             break;
         }
         assert_eq!(status, 503, "{reply}");
-        assert!(killed.elapsed() < WAIT, "the cluster never took the publish again");
+        assert!(killed.elapsed() < FAILOVER_WAIT, "the cluster never took the publish again");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = client.next_json().await;

@@ -12,6 +12,8 @@
 mod memory;
 mod redis;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,6 +57,9 @@ impl BrokerError {
 pub struct BrokerStatus {
     /// Connected, subscribed to every wanted channel, and its probe is fresh.
     pub ready: bool,
+    /// How long ago the broker last proved it works; `None` if it never did (a node starting
+    /// without Redis).
+    pub healthy_ago: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -98,8 +103,8 @@ impl Broker {
 
     pub fn status(&self) -> BrokerStatus {
         match self {
-            Self::Memory(_) => BrokerStatus { ready: true },
-            Self::Redis(b) => BrokerStatus { ready: b.is_ready() },
+            Self::Memory(_) => BrokerStatus { ready: true, healthy_ago: Some(Duration::ZERO) },
+            Self::Redis(b) => BrokerStatus { ready: b.is_ready(), healthy_ago: b.healthy_ago() },
         }
     }
 }

@@ -28,6 +28,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -98,6 +99,13 @@ impl RedisBroker {
         let fresh = now_micros().saturating_sub(inbound.probes.oldest_us())
             < self.inner.settings.probe_timeout.as_micros() as u64;
         inbound.synced.load(Ordering::Acquire) && fresh
+    }
+
+    /// How long ago the subscriber last proved it works (one of its probes came back), across
+    /// reconnects; `None` if it never did.
+    pub fn healthy_ago(&self) -> Option<Duration> {
+        let at = self.inner.inbound.probes.last_heard_us();
+        (at > 0).then(|| Duration::from_micros(now_micros().saturating_sub(at)))
     }
 
     /// PUBLISH (or SPUBLISH in cluster mode), failing fast while Redis is unreachable.

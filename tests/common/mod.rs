@@ -70,14 +70,24 @@ pub fn on_cluster(s: &mut Settings, nodes: &[String]) {
     fast_broker(s);
 }
 
+/// Short broker timers, so faults show within a test's patience, but not so short that a busy
+/// 2-core machine trips them on its own: a probe or command is late by a second there at times.
+/// Readiness fails at once when the broker does (`unready_after` 0); the grace has its own test.
 fn fast_broker(s: &mut Settings) {
     s.broker.unsubscribe_delay = Duration::from_millis(100);
     s.broker.probe_interval = Duration::from_millis(200);
-    s.broker.probe_timeout = Duration::from_secs(1);
+    s.broker.probe_timeout = Duration::from_secs(2);
     s.broker.reconnect_min = Duration::from_millis(20);
     s.broker.reconnect_max = Duration::from_millis(400);
     s.broker.connect_timeout = Duration::from_millis(500);
-    s.broker.command_timeout = Duration::from_secs(1);
+    s.broker.command_timeout = Duration::from_secs(2);
+    s.broker.unready_after = Duration::ZERO;
+}
+
+/// The ids of the subscriber (pub/sub) connections `CLIENT LIST` shows on `redis`.
+pub fn subscriber_ids(redis: &redis::RedisServer) -> Vec<String> {
+    let list = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]).unwrap();
+    list.lines().filter_map(|l| l.split(' ').next()).map(str::to_owned).collect()
 }
 
 impl TestNode {

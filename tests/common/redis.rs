@@ -13,6 +13,10 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     cluster: bool,
+    /// `cluster-node-timeout` of a cluster node, in milliseconds.
+    node_timeout_ms: u32,
+    /// Serves TLS only (no plain port), with the certificates in `dir`.
+    tls: bool,
 }
 
 /// A port that is free now (and, for a cluster node, whose bus port, port + 10000, is free
@@ -31,8 +35,13 @@ fn free_port(cluster: bool) -> u16 {
 const SPAWN_ATTEMPTS: usize = 5;
 
 fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
+    redis_cli_with(port, &[], args)
+}
+
+fn redis_cli_with(port: u16, connect: &[&str], args: &[&str]) -> Result<String, String> {
     let out = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(connect)
         .args(args)
         .output()
         .map_err(|e| format!("redis-cli: {e} (install redis-tools)"))?;
@@ -42,20 +51,47 @@ fn redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
 
 impl RedisServer {
     pub fn start() -> Self {
-        Self::spawn(false)
+        Self::spawn(false, 0)
+    }
+
+    /// A server that speaks TLS only, with a certificate for 127.0.0.1 signed by a CA of its
+    /// own ([`RedisServer::ca_file`]); clients need not present certificates.
+    pub fn start_tls() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..SPAWN_ATTEMPTS {
+            let port = free_port(false);
+            let mut server =
+                Self { port, dir: Self::dir_for(port), child: None, cluster: false, node_timeout_ms: 0, tls: true };
+            std::fs::create_dir_all(&server.dir).unwrap();
+            write_certificates(&server.dir);
+            match server.launch() {
+                Ok(()) => return server,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("redis-server with TLS did not start: {failures:?}");
+    }
+
+    /// The PEM file of the CA that signed a [`RedisServer::start_tls`] server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn dir_for(port: u16) -> PathBuf {
+        std::env::temp_dir().join(format!("pushnode-redis-{}-{port}", std::process::id()))
     }
 
     /// On a port the test chose (no retry elsewhere).
     pub fn start_on(port: u16) -> Self {
-        Self::try_spawn(port, false).unwrap_or_else(|e| panic!("{e}"))
+        Self::try_spawn(port, false, 0).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// On a fresh port, retried on another one if the server could not start (its port or, for
     /// a cluster node, its bus port was taken meanwhile).
-    fn spawn(cluster: bool) -> Self {
+    fn spawn(cluster: bool, node_timeout_ms: u32) -> Self {
         let mut failures = Vec::new();
         for _ in 0..SPAWN_ATTEMPTS {
-            match Self::try_spawn(free_port(cluster), cluster) {
+            match Self::try_spawn(free_port(cluster), cluster, node_timeout_ms) {
                 Ok(server) => return server,
                 Err(e) => failures.push(e),
             }
@@ -63,10 +99,10 @@ impl RedisServer {
         panic!("redis-server did not start: {failures:?}");
     }
 
-    fn try_spawn(port: u16, cluster: bool) -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("pushnode-redis-{}-{port}", std::process::id()));
+    fn try_spawn(port: u16, cluster: bool, node_timeout_ms: u32) -> Result<Self, String> {
+        let dir = Self::dir_for(port);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Self { port, dir, child: None, cluster };
+        let mut server = Self { port, dir, child: None, cluster, node_timeout_ms, tls: false };
         server.launch()?;
         Ok(server)
     }
@@ -75,8 +111,17 @@ impl RedisServer {
     /// holds the port (ours then exits with "address in use") does not count.
     fn launch(&mut self) -> Result<(), String> {
         let mut command = Command::new("redis-server");
+        if self.tls {
+            let file = |name: &str| self.dir.join(name).display().to_string();
+            command
+                .args(["--port", "0", "--tls-port", &self.port.to_string(), "--tls-auth-clients", "no"])
+                .args(["--tls-cert-file", &file("server.pem"), "--tls-key-file", &file("server.key")])
+                .args(["--tls-ca-cert-file", &file("ca.pem")]);
+        } else {
+            command.args(["--port", &self.port.to_string()]);
+        }
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             // DEBUG SLEEP stalls a server with its connections open (tests of the probe).
@@ -90,7 +135,7 @@ impl RedisServer {
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
-                "2000",
+                &self.node_timeout_ms.to_string(),
             ]);
         }
         let child = command.spawn().expect("cannot start redis-server (install redis-server)");
@@ -114,11 +159,17 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn cli(&self, args: &[&str]) -> Result<String, String> {
-        redis_cli(self.port, args)
+        if self.tls {
+            let ca = self.ca_file().display().to_string();
+            redis_cli_with(self.port, &["--tls", "--cacert", &ca], args)
+        } else {
+            redis_cli(self.port, args)
+        }
     }
 
     /// Kills the server (SIGKILL: as abrupt as a crash).
@@ -179,6 +230,24 @@ impl Drop for RedisServer {
     }
 }
 
+/// A fresh CA (`ca.pem`) and a certificate it signed for 127.0.0.1 and localhost
+/// (`server.pem`, `server.key`), written into `dir`.
+fn write_certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "pushnode test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
 /// A slot being moved between masters ([`RedisCluster::start_move`]).
 pub struct SlotMove {
     slot: String,
@@ -195,17 +264,21 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Without replicas, and with a 5 s `cluster-node-timeout`, so that a master stalled for a
+    /// test (a few seconds of DEBUG SLEEP) is never marked failed by the others.
     pub fn start() -> Self {
-        Self::create(0)
+        Self::create(0, 5000)
     }
 
-    /// Three masters with one replica each: a killed master fails over to its replica.
+    /// Three masters with one replica each: a killed master fails over to its replica after the
+    /// 2 s `cluster-node-timeout` (about 5 s in all, see README).
     pub fn with_replicas() -> Self {
-        Self::create(1)
+        Self::create(1, 2000)
     }
 
-    fn create(replicas_per_master: usize) -> Self {
-        let servers: Vec<RedisServer> = (0..3 * (1 + replicas_per_master)).map(|_| RedisServer::spawn(true)).collect();
+    fn create(replicas_per_master: usize, node_timeout_ms: u32) -> Self {
+        let servers: Vec<RedisServer> =
+            (0..3 * (1 + replicas_per_master)).map(|_| RedisServer::spawn(true, node_timeout_ms)).collect();
         let addresses: Vec<String> = servers.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 use redis::Value;
@@ -28,6 +29,9 @@ pub(super) struct Probes {
     node_id: Arc<str>,
     /// (channel, microseconds since the epoch it last came back; 0: not yet).
     heard: Mutex<Vec<(Arc<str>, u64)>>,
+    /// When any probe last came back (0: never); unlike `heard`, not reset on reconnect: the
+    /// last moment the subscriber was known to work.
+    last_heard_us: AtomicU64,
 }
 
 impl Probes {
@@ -39,6 +43,7 @@ impl Probes {
             prefix: format!("pushnode:probe:{{{node_id}").into(),
             node_id: node_id.into(),
             heard: Mutex::new(Vec::new()),
+            last_heard_us: AtomicU64::new(0),
         }
     }
 
@@ -103,10 +108,16 @@ impl Probes {
         let mut heard = self.heard();
         let Some(entry) = heard.iter_mut().find(|(c, _)| &**c == channel) else { return false };
         entry.1 = now_micros();
+        self.last_heard_us.store(entry.1, Ordering::Release);
         let oldest = heard.iter().map(|(_, at)| *at).min().unwrap_or(0);
         drop(heard);
         metrics::gauge!(m::BROKER_PROBE_LAST_SUCCESS).set(oldest as f64 / 1e6);
         true
+    }
+
+    /// When any probe last came back, across reconnects (0: never).
+    pub(super) fn last_heard_us(&self) -> u64 {
+        self.last_heard_us.load(Ordering::Acquire)
     }
 
     /// When the probe heard least recently came back (0: one never did, or there are none).
