@@ -6,6 +6,9 @@
 //! 2. sessions are closed one by one, evenly spread over `server.drain_period`, each with close
 //!    code 4000 and a random reconnect delay up to `server.reconnect_jitter`;
 //! 3. after `server.shutdown_grace`, whatever is still open is dropped and `run` returns.
+//!
+//! From the signal to the return takes at most `drain_period + min(1 s, shutdown_grace) +
+//! shutdown_grace` (the Helm chart's termination grace is computed from it).
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -152,13 +155,15 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     }
     stop.cancel();
     tracker.close();
-    let grace = node.settings().server.shutdown_grace;
-    if timeout(grace, tracker.wait()).await.is_err() {
+    // One grace for everything left: sessions, background tasks, and the listeners' in-flight
+    // plain HTTP requests (they stop accepting at `stop`). The worst case after the signal is
+    // so drain_period + min(1 s, grace) + grace, which the Helm chart's termination grace adds up.
+    let deadline = Instant::now() + node.settings().server.shutdown_grace;
+    if timeout_at(deadline, tracker.wait()).await.is_err() {
         warn!(open = node.hub().session_count(), "shutdown grace elapsed; dropping what is left");
     }
-    // Listeners stop accepting at `stop`; their in-flight plain HTTP requests get the grace too.
     for listener in [public, internal] {
-        if timeout(grace, listener).await.is_err() {
+        if timeout_at(deadline, listener).await.is_err() {
             warn!("listener did not stop within the grace period");
         }
     }
