@@ -165,6 +165,10 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
         match on_upgrade.await {
             Ok(upgraded) => {
                 let SessionStart { config, ctx, identity, format, last_id } = *start;
+                #[cfg(feature = "test-hooks")]
+                if identity.user.starts_with(session::test_hooks::SLOW_START_USER) {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
                 let io = session::Metered::new(TokioIo::new(upgraded), frames_per_second);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 session::run(ws, ctx, identity, format, last_id).await;

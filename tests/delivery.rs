@@ -80,6 +80,7 @@ async fn the_classic_demo_client_gets_the_raw_payload_on_its_old_url() {
     // The classic Swoole demo connects to ws://host:9501/?uid=1 and does JSON.parse(data).cnt.
     let url = format!("ws://{}/?uid=1&format=raw", node.public);
     let mut classic = Client::connect(&url).await.unwrap();
+    classic.sync().await;
     let (status, _) = node.publish(json!({ "user": "1", "data": { "cnt": 5 } })).await;
     assert_eq!(status, 200);
     assert_eq!(classic.next_text().await, r#"{"cnt":5}"#);
@@ -94,6 +95,7 @@ async fn raw_can_be_the_configured_default() {
     })
     .await;
     let mut classic = Client::connect(&format!("ws://{}/?uid=9", node.public)).await.unwrap();
+    classic.sync().await;
     node.publish(json!({ "user": "9", "data": { "cnt": 1 } })).await;
     assert_eq!(classic.next_text().await, r#"{"cnt":1}"#);
     node.stop().await;

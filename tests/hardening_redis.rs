@@ -21,6 +21,7 @@ async fn an_envelope_with_unparsable_data_from_redis_skips_json_sessions_only() 
     let mut json_client = node.connect("1").await;
     let token = node.token("1");
     let mut raw_client = Client::connect(&node.ws_url(&format!("token={token}&format=raw"))).await.unwrap();
+    raw_client.sync().await;
     let channel = node.names_user("1");
     let bad = format!(r#"{{"pushnode":1,"id":"x-1","ts":1,"data":{}}}"#, deep(5000));
     redis.cli(&["PUBLISH", &channel, &bad]).unwrap();

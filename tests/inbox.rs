@@ -98,7 +98,32 @@ async fn reading_on_one_device_updates_the_badge_on_every_node() {
     }
 }
 
+/// Publishes `count` persisted notifications to `user`, one after the other (so their ids
+/// increase), on a task of its own; returns their ids.
+fn publisher(node: &TestNode, user: &'static str, range: std::ops::Range<u64>) -> tokio::task::JoinHandle<Vec<String>> {
+    let (internal, key) = (node.internal, node.settings.auth.api_keys[0].clone());
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut ids = Vec::new();
+        for i in range {
+            let response = http
+                .post(format!("http://{internal}/api/publish"))
+                .bearer_auth(&key)
+                .json(&json!({ "user": user, "persist": true, "data": i }))
+                .send()
+                .await
+                .unwrap();
+            ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    })
+}
+
+/// A device resumes from its newest id while hundreds of notifications wait (a replay of
+/// several `inbox.replay_limit` pages) and more are published during the connect and the
+/// replay: it gets every one once, in id order.
 async fn resume_loses_nothing_and_repeats_nothing(node: &TestNode) {
+    assert!(node.settings.inbox.replay_limit <= 50, "the replay must take several pages");
     let (mut client, _) = connect(node, "r", None).await;
     let mut seen = Vec::new();
     for i in 0..5 {
@@ -107,70 +132,73 @@ async fn resume_loses_nothing_and_repeats_nothing(node: &TestNode) {
     }
     drop(client);
     let mut published = seen.clone();
-    for i in 5..12 {
-        published.push(persist(node, "r", json!(i)).await);
-    }
+    published.extend(publisher(node, "r", 5..305).await.unwrap());
+    // Live ones published before, during and after the welcome and the replay.
+    let racer = publisher(node, "r", 305..405);
     let (mut client, welcome) = connect(node, "r", Some(seen.last().unwrap())).await;
-    assert_eq!(welcome["unread"], 12);
-    // Live ones published while the replay runs must not be repeated either.
-    let racer = tokio::spawn({
-        let base = (node.internal, node.settings.auth.api_keys[0].clone());
-        async move {
-            let mut ids = Vec::new();
-            for i in 12..20 {
-                let response = reqwest::Client::new()
-                    .post(format!("http://{}/api/publish", base.0))
-                    .bearer_auth(&base.1)
-                    .json(&json!({ "user": "r", "persist": true, "data": i }))
-                    .send()
-                    .await
-                    .unwrap();
-                ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
-            }
-            ids
-        }
-    });
-    let more = racer.await.unwrap();
-    published.extend(more);
+    let unread = welcome["unread"].as_u64().unwrap();
+    assert!((305..=405).contains(&unread), "{welcome}");
+    published.extend(racer.await.unwrap());
+    let (mut replayed, mut live) = (0, 0);
     while seen.len() < published.len() {
         let n = client.next_json().await;
+        if n["type"] != "notification" {
+            continue;
+        }
+        if n["replay"] == true {
+            replayed += 1
+        } else {
+            live += 1
+        }
         seen.push(n["id"].as_str().unwrap().to_owned());
     }
     assert_eq!(seen, published, "resume lost, repeated or reordered notifications");
+    assert!(replayed >= 300, "only {replayed} replayed");
+    eprintln!("{replayed} replayed, {live} live");
     client.expect_silence(Duration::from_millis(300)).await;
 }
 
 #[tokio::test]
 async fn resume_loses_nothing_and_repeats_nothing_in_memory() {
-    let node = TestNode::start().await;
+    let node = TestNode::with(|s| {
+        s.inbox.replay_limit = 50;
+        s.inbox.max_per_user = 1000;
+    })
+    .await;
     resume_loses_nothing_and_repeats_nothing(&node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_loses_nothing_and_repeats_nothing_in_redis() {
     let redis = RedisServer::start();
-    let node = TestNode::on(&redis).await;
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.inbox.replay_limit = 50;
+        s.inbox.max_per_user = 1000;
+    })
+    .await;
+    node.wait_ready(200).await;
     resume_loses_nothing_and_repeats_nothing(&node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_published_during_a_broker_gap_are_replayed() {
     let redis = RedisServer::start();
-    let node = TestNode::with(|s| {
-        on_redis(s, &redis.url());
-        // A gap long enough that the direct publishes below certainly fall into it.
-        s.broker.reconnect_min = Duration::from_millis(600);
-        s.broker.reconnect_max = Duration::from_millis(600);
-    })
-    .await;
+    // The node reaches Redis through a proxy that can hold its reconnects for as long as the
+    // test publishes, however fast or slow the machine is.
+    let path = common::proxy::Blackhole::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let node = TestNode::with(|s| on_redis(s, &format!("redis://{}", path.addr))).await;
     node.wait_ready(200).await;
     let (mut client, _) = connect(&node, "g", None).await;
     let before = persist(&node, "g", json!("before")).await;
     assert_eq!(client.next_json().await["id"], before.as_str());
 
-    // Kill the node's subscriber; publish straight into Redis (the node's publisher is fine)
-    // while it is gone. The session must get them once the node has resubscribed.
+    // Kill the node's subscriber and keep it from coming back; publish straight into Redis
+    // (persist and PUBLISH in one call) while it is gone. The session must get them once the
+    // node has resubscribed.
+    path.hold_new(true);
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    eventually("the subscriber is still there", || redis.numsub("pushnode:user:g") == 0).await;
     let mut gap = Vec::new();
     for i in 0..5 {
         let out = redis
@@ -191,6 +219,8 @@ async fn notifications_published_during_a_broker_gap_are_replayed() {
             .unwrap();
         gap.push(out.lines().next().unwrap().to_owned());
     }
+    assert_eq!(redis.numsub("pushnode:user:g"), 0, "the gap closed while publishing");
+    path.hold_new(false);
     let mut got = BTreeSet::new();
     while got.len() < gap.len() {
         let n = client.next_json().await;
@@ -302,8 +332,15 @@ async fn retention_and_idempotency_hold_in_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_publishes_and_reads_keep_the_count_equal_to_the_inbox() {
+    const KEPT: u64 = 40;
     let redis = RedisServer::start();
-    let node = TestNode::on(&redis).await;
+    // 200 publishes into an inbox that keeps 40: trimming races the reads too.
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        s.inbox.max_per_user = KEPT as usize;
+    })
+    .await;
+    node.wait_ready(200).await;
     let internal = node.internal;
     let mut tasks = Vec::new();
     for t in 0..8 {
@@ -342,6 +379,10 @@ async fn racing_publishes_and_reads_keep_the_count_equal_to_the_inbox() {
     assert_eq!(unread["unread"].as_u64(), Some(listed));
     let zcard: u64 = redis.cli(&["ZCARD", "pushnode:inbox:{race}:unread"]).unwrap().parse().unwrap();
     assert_eq!(zcard, listed);
+    let (_, all) = node.get_json("/api/users/race/notifications?limit=500").await;
+    let kept = all["notifications"].as_array().unwrap().len() as u64;
+    assert_eq!(kept, KEPT, "the inbox was not trimmed to inbox.max_per_user");
+    assert!(listed < KEPT, "some were read: {listed} unread of {KEPT}");
 }
 
 #[tokio::test]

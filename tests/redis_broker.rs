@@ -287,3 +287,47 @@ async fn a_node_that_never_reached_redis_is_not_ready_whatever_the_grace() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(r#""reasons":["broker"]"#), "{body}");
 }
+
+/// Topics travel through Redis like users do: a topic subscribed on one node receives what
+/// another node publishes, its broker channel is subscribed once per node while subscribed,
+/// and unsubscribed after the last session leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_published_on_one_node_reaches_its_subscribers_on_another() {
+    let redis = RedisServer::start();
+    let a = TestNode::on(&redis).await;
+    let b = TestNode::on(&redis).await;
+    let channel = "pushnode:topic:news";
+    let mut readers = Vec::new();
+    for node in [&a, &a, &b] {
+        let url = node.ws_url(&format!("token={}", node.token_with("7", &["news"])));
+        let mut client = Client::connect(&url).await.unwrap();
+        assert_eq!(client.next_json().await["type"], "welcome");
+        client.send_json(json!({ "type": "subscribe", "channel": "news" })).await;
+        assert_eq!(client.next_json().await, json!({ "type": "subscribed", "channel": "news" }));
+        readers.push(client);
+    }
+    // One subscription per node, however many of its sessions want the topic.
+    assert_eq!(redis.numsub(channel), 2);
+
+    let (status, body) = b.publish(json!({ "channel": "news", "data": { "headline": "x" } })).await;
+    assert_eq!(status, 200, "{body}");
+    for client in &mut readers {
+        let n = client.next_json().await;
+        assert_eq!((n["channel"].as_str(), n["data"]["headline"].as_str()), (Some("news"), Some("x")), "{n}");
+    }
+
+    // Node A's sessions leave the topic: A unsubscribes it (after broker.unsubscribe_delay),
+    // B keeps it and still receives.
+    for client in &mut readers[..2] {
+        client.send_json(json!({ "type": "unsubscribe", "channel": "news" })).await;
+        assert_eq!(client.next_json().await["type"], "unsubscribed");
+    }
+    eventually("node A kept the topic subscribed", || redis.numsub(channel) == 1).await;
+    a.publish(json!({ "channel": "news", "data": 2 })).await;
+    assert_eq!(readers[2].next_json().await["data"], 2);
+    for client in &mut readers[..2] {
+        client.expect_silence(Duration::from_millis(200)).await;
+    }
+    drop(readers);
+    eventually("the topic stayed subscribed after every session left", || redis.numsub(channel) == 0).await;
+}

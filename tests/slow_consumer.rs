@@ -19,7 +19,7 @@ async fn a_client_that_stops_reading_is_closed_while_a_healthy_one_keeps_receivi
     let mut healthy = node.connect("1").await;
     let token = node.token("1");
     // Handshake done, then never reads again.
-    let _stalled = RawClient::connect_small(node.public, &format!("/ws?token={token}")).await;
+    let mut stalled = RawClient::connect_small(node.public, &format!("/ws?token={token}")).await;
 
     let reader = tokio::spawn(async move {
         let mut seen = Vec::with_capacity(MESSAGES);
@@ -39,6 +39,10 @@ async fn a_client_that_stops_reading_is_closed_while_a_healthy_one_keeps_receivi
     let (seen, _healthy) = tokio::time::timeout(WAIT, reader).await.expect("healthy client fell behind").unwrap();
     assert_eq!(seen, (0..MESSAGES as u64).collect::<Vec<_>>(), "healthy client lost or reordered frames");
 
+    // The stalled client reads again (within session.write_timeout): behind what was queued
+    // before its outbox filled comes the close frame, 4001.
+    assert_eq!(stalled.close_code().await, 4001);
+
     // The stalled session was closed as a slow consumer and left the node.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -46,7 +50,7 @@ async fn a_client_that_stops_reading_is_closed_while_a_healthy_one_keeps_receivi
         let closed = metric(&text, r#"pushnode_connections_closed_total{reason="slow_consumer"}"#);
         let open = metric(&text, "pushnode_connections");
         if closed >= 1.0 && open == 1.0 {
-            assert!(metric(&text, r#"pushnode_messages_dropped_total{reason="slow_consumer"}"#) >= 1.0);
+            assert!(metric(&text, r#"pushnode_messages_dropped_total{reason="slow_consumer"}"#) >= 1.0, "{text}");
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "stalled session still open: closed={closed} open={open}");

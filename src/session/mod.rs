@@ -32,6 +32,10 @@ pub mod test_hooks {
     /// Subscribing to this topic panics the session task, so a test can show that nothing of
     /// the session stays behind in the hub, the broker or the per-user limit.
     pub const PANIC_TOPIC: &str = "test-hook.panic";
+    /// A session of a user whose id starts with this starts 300 ms after its upgrade, which
+    /// widens the window between the per-user limit's check at the upgrade and the session's
+    /// registration, so a test can race two connects into it (close code 4004).
+    pub const SLOW_START_USER: &str = "test-hook.slow-start";
 }
 
 use std::sync::Arc;
@@ -417,6 +421,13 @@ where
 async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, reason: CloseReason) {
     if matches!(reason, CloseReason::WriteFailed | CloseReason::Gone) {
         return; // nobody to tell, or no way to: a close frame would only wait
+    }
+    if matches!(reason, CloseReason::Normal) {
+        // The client closed: tungstenite queued the reply (echoing the client's code) when it
+        // read the close frame. Send it, then let the client end the connection.
+        let _ = timeout(CLOSE_TIMEOUT, ws.flush()).await;
+        linger(ws.get_mut()).await;
+        return;
     }
     let frame = CloseFrame { code: CloseCode::from(reason.code()), reason: Utf8Bytes::from(reason.text()) };
     if !matches!(timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await, Ok(Ok(()))) {

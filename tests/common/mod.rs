@@ -269,6 +269,25 @@ impl Client {
         }
     }
 
+    /// Round trip with the node's session task: a WebSocket ping and its pong. The session
+    /// registers with the hub before it first runs, so after this a publish reaches it (a raw
+    /// session has no welcome frame to wait for). Expects no data frame meanwhile.
+    pub async fn sync(&mut self) {
+        self.ws.send(Message::Ping(b"sync".to_vec().into())).await.unwrap();
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for the pong")
+                .expect("stream ended")
+                .expect("read error");
+            match message {
+                Message::Pong(payload) if &payload[..] == b"sync" => return,
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected the pong, got {other:?}"),
+            }
+        }
+    }
+
     pub async fn next_text(&mut self) -> String {
         match self.next_message().await {
             Message::Text(text) => text.to_string(),
