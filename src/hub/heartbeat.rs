@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{Hub, LocalSession};
-use crate::outbox::Outgoing;
+use crate::metrics as m;
+use crate::outbox::{Outgoing, PushError};
 use crate::protocol::{CloseReason, WireFrame};
 
 /// The sweep runs this often and visits one step's share of the sessions each time, so that
@@ -67,8 +68,13 @@ pub fn step(sessions: &[Weak<LocalSession>], timeout: Duration) -> usize {
         } else {
             // A full outbox here means a slow consumer: the push closes it, as fan-out would.
             // A session unregistering meanwhile refuses the push (its outbox is closed).
-            if session.outbox.push(Outgoing::control(WireFrame::Ping)).is_ok() {
-                liveness.pinged.store(true, Ordering::Relaxed);
+            match session.outbox.push(Outgoing::control(WireFrame::Ping)) {
+                Ok(()) => liveness.pinged.store(true, Ordering::Relaxed),
+                // Counted like fan-out's drops, so every slow-consumer close has its drop.
+                Err(PushError::Full) => {
+                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer").increment(1);
+                }
+                Err(PushError::Closed) => {}
             }
         }
     }
