@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{API_KEY, Client, TestNode, on_redis};
+use common::{API_KEY, Client, TestNode, eventually, on_redis};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -22,6 +22,9 @@ use tokio_tungstenite::tungstenite::Message;
 const USERS: usize = 100;
 const NOTIFICATIONS: usize = 10_000;
 const PUBLISHERS: usize = 8;
+/// Subscriber kills, spread evenly over the publishing: after every 1/(KILLS + 1) of the
+/// notifications the publishers wait at a gate until the kill has happened.
+const KILLS: usize = 6;
 
 #[derive(Default)]
 struct Device {
@@ -89,7 +92,13 @@ fn newer(a: &str, b: &str) -> bool {
     parse(a) > parse(b)
 }
 
-async fn publisher(internal: [SocketAddr; 2], next: Arc<AtomicUsize>) -> HashMap<String, Vec<String>> {
+/// Publishes notification after notification (numbers from `next`) until all are published;
+/// a number at or past `gate` waits until the gate moves past it.
+async fn publisher(
+    internal: [SocketAddr; 2],
+    next: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::watch::Receiver<usize>>,
+) -> HashMap<String, Vec<String>> {
     let http = reqwest::Client::new();
     let mut published: HashMap<String, Vec<String>> = HashMap::new();
     loop {
@@ -97,6 +106,7 @@ async fn publisher(internal: [SocketAddr; 2], next: Arc<AtomicUsize>) -> HashMap
         if n >= NOTIFICATIONS {
             return published;
         }
+        gate.as_ref().clone().wait_for(|open| n < *open).await.unwrap();
         let user = format!("f{}", n % USERS);
         let body = json!({
             "user": user, "persist": true, "idempotency_key": format!("n{n}"), "data": { "user": user, "n": n }
@@ -159,17 +169,26 @@ async fn every_persisted_notification_reaches_every_device_exactly_once_through_
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let internal = [nodes[0].internal, nodes[1].internal];
-    let publishers: Vec<_> = (0..PUBLISHERS).map(|_| tokio::spawn(publisher(internal, next.clone()))).collect();
+    let step = NOTIFICATIONS / (KILLS + 1);
+    let (gate, gate_rx) = tokio::sync::watch::channel(step);
+    let gate_rx = Arc::new(gate_rx);
+    let publishers: Vec<_> =
+        (0..PUBLISHERS).map(|_| tokio::spawn(publisher(internal, next.clone(), gate_rx.clone()))).collect();
 
-    // Kill both nodes' subscribers several times while publishing.
+    // Kill both nodes' subscribers at every gate, however fast the publishing goes: once the
+    // publishers reached it, and both nodes are subscribed again after the previous kill.
     let mut kills = 0;
-    while next.load(Ordering::Acquire) < NOTIFICATIONS {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if kills < 6 {
-            let killed: u32 = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap().parse().unwrap();
-            kills += usize::from(killed > 0);
+    for k in 1..=KILLS {
+        while next.load(Ordering::Acquire) < k * step {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        eventually("a node never resubscribed after a kill", || common::subscriber_ids(&redis).len() == 2).await;
+        let killed: u32 = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap().parse().unwrap();
+        assert_eq!(killed, 2, "both nodes' subscribers");
+        kills += 1;
+        gate.send_replace((k + 1) * step);
     }
+    gate.send_replace(NOTIFICATIONS);
     let mut published: HashMap<String, BTreeSet<String>> = HashMap::new();
     for p in publishers {
         for (user, ids) in p.await.unwrap() {
@@ -177,7 +196,7 @@ async fn every_persisted_notification_reaches_every_device_exactly_once_through_
         }
     }
     assert_eq!(published.values().map(BTreeSet::len).sum::<usize>(), NOTIFICATIONS);
-    assert!(kills >= 3, "only {kills} subscriber kills happened during publishing");
+    assert_eq!(kills, KILLS);
     let publish_time = started.elapsed();
 
     // Every device converges on its user's full set.
