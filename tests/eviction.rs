@@ -7,21 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestNode, WAIT};
+use common::TestNode;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-
-/// Waits until the peer closes `stream` (end of stream or reset); returns when it did.
-async fn closed_by_peer(mut stream: TcpStream) -> Instant {
-    let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("socket still open") {
-            Ok(0) | Err(_) => return Instant::now(),
-            Ok(_) => {}
-        }
-    }
-}
 
 #[tokio::test]
 async fn silent_sockets_beyond_the_pool_neither_lock_clients_out_nor_stay_open() {
@@ -43,7 +31,7 @@ async fn silent_sockets_beyond_the_pool_neither_lock_clients_out_nor_stay_open()
     node.publish(json!({ "user": "1", "data": "through" })).await;
     assert_eq!(client.next_json().await["data"], "through");
     // Evicted to make room, or closed at the header deadline: none stays open.
-    let closes = futures_util::future::join_all(silent.into_iter().map(closed_by_peer)).await;
+    let closes = futures_util::future::join_all(silent.into_iter().map(common::closed_by_peer)).await;
     let last = closes.iter().map(|at| at.duration_since(opened)).max().unwrap();
     assert!(last < Duration::from_secs(8), "a silent socket stayed open {last:?}");
     // Without eviction it would wait for the header deadline of the silent ones ahead of it.

@@ -13,17 +13,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Waits until the peer closes `stream` (end of stream or reset); returns when it did.
-async fn closed_by_peer(mut stream: TcpStream) -> Instant {
-    let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("socket still open") {
-            Ok(0) | Err(_) => return Instant::now(),
-            Ok(_) => {}
-        }
-    }
-}
-
 // 1. No unauthenticated exhaustion.
 
 #[tokio::test]
@@ -52,7 +41,7 @@ async fn a_kept_alive_connection_is_closed_after_the_idle_deadline() {
     let n = stream.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let idle = Instant::now();
-    let closed = closed_by_peer(stream).await;
+    let closed = common::closed_by_peer(stream).await;
     let after = closed.duration_since(idle);
     assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(3), "closed after {after:?}");
     node.stop().await;

@@ -243,6 +243,17 @@ impl Drop for TestNode {
     }
 }
 
+/// Waits until the peer closes `stream` (end of stream or reset); returns when it did.
+pub async fn closed_by_peer(mut stream: TcpStream) -> std::time::Instant {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("socket still open") {
+            Ok(0) | Err(_) => return std::time::Instant::now(),
+            Ok(_) => {}
+        }
+    }
+}
+
 /// A WebSocket client (tokio-tungstenite).
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -254,15 +265,19 @@ impl Client {
         Ok(Self { ws })
     }
 
+    /// Next frame of any kind, within [`WAIT`].
+    async fn next_frame(&mut self) -> Message {
+        tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("stream ended")
+            .expect("read error")
+    }
+
     /// Next data frame (text or binary), skipping pings and pongs.
     pub async fn next_message(&mut self) -> Message {
         loop {
-            let message = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("timed out waiting for a frame")
-                .expect("stream ended")
-                .expect("read error");
-            match message {
+            match self.next_frame().await {
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => return other,
             }
@@ -275,12 +290,7 @@ impl Client {
     pub async fn sync(&mut self) {
         self.ws.send(Message::Ping(b"sync".to_vec().into())).await.unwrap();
         loop {
-            let message = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("timed out waiting for the pong")
-                .expect("stream ended")
-                .expect("read error");
-            match message {
+            match self.next_frame().await {
                 Message::Pong(payload) if &payload[..] == b"sync" => return,
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected the pong, got {other:?}"),
