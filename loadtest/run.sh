@@ -73,6 +73,11 @@ rss_before=$(rss)
 ( while sleep 30; do echo "$(date +%T) $(rss) KiB"; done ) >"$out/rss.log" 2>/dev/null &
 pids+=($!)
 
+# Redis's own cost of the scenario: command counts and server time per call, and its CPU.
+redis-cli -p "$redis_port" CONFIG RESETSTAT >/dev/null
+redis_cpu() { redis-cli -p "$redis_port" INFO cpu | awk -F: '/^used_cpu_(user|sys):/ {t += $2} END {printf "%.3f", t}'; }
+redis_cpu_before=$(redis_cpu)
+
 per=$(( connections / generators ))
 run_octet=$(( RANDOM % 250 + 1 ))
 gen_pids=()
@@ -90,6 +95,8 @@ done
 status=0
 for p in "${gen_pids[@]}"; do wait "$p" || status=1; done
 rss_after=$(rss)
+redis_cpu_after=$(redis_cpu)
+redis-cli -p "$redis_port" INFO commandstats >"$out/redis-commandstats.txt"
 # What the nodes refused or dropped on the way (connections evicted or timed out before their
 # upgrade, failed accepts, rejected upgrades): a run that shows any deserves a look.
 for ((i = 0; i < nodes; i++)); do
@@ -99,6 +106,10 @@ done
   for ((g = 0; g < generators; g++)); do echo "--- generator $g"; cat "$out/generator$g.txt"; done
   echo "--- nodes: $nodes, RSS $rss_before KiB before, $rss_after KiB at the end"
   echo "--- nodes' RSS every 30 s:"; cat "$out/rss.log"
+  echo "--- Redis: $(awk "BEGIN {printf \"%.3f\", $redis_cpu_after - $redis_cpu_before}") CPU seconds;" \
+    "calls and server time per call:"
+  awk -F'[:=,]' '/^cmdstat_/ {sub("cmdstat_", "", $1); printf "  %-14s %10d calls %8.2f us/call\n", $1, $3, $7}' \
+    "$out/redis-commandstats.txt"
   echo "--- nodes' refusals (non-zero counters):"
   cat "$out"/node*.metrics 2>/dev/null |
     grep -E '^pushnode_(http_connections_dropped|accept_errors|connections_rejected)_total' | grep -v ' 0$' || echo "none"
