@@ -10,6 +10,10 @@
  * drain close (4000, "reconnect after N ms") so a rolling deploy is not a reconnect storm.
  * It resumes: after a reconnect it asks for every inbox notification after the last id it saw,
  * and drops duplicates by id, so a persisted notification is shown once per device.
+ * It notices a connection that went silent (a node or network path that vanished without
+ * closing it: browsers do not show WebSocket pings to scripts): with nothing heard for
+ * pingInterval it sends a ping frame, and with still nothing within pongTimeout it drops the
+ * connection and reconnects ("close" with code 1006).
  *
  * Events: "notification" (frame), "unread" (count), "welcome", "state", "close", "reconnect",
  * "error". Inbox: markRead([ids]), markReadUpTo(id), markAllRead().
@@ -27,6 +31,10 @@
     this.format = options.format || "json";
     this.minDelay = options.minDelay || 500;
     this.maxDelay = options.maxDelay || 30000;
+    this.pingInterval = options.pingInterval || 20000; // JSON format only
+    this.pongTimeout = options.pongTimeout || 10000;
+    this.heardAt = 0;
+    this.liveness = null;
     this.state = "idle"; // idle | connecting | connected | waiting | closed
     this.attempt = 0;
     this.lastId = options.lastId || null; // newest inbox id seen; sent as last_id on connect
@@ -75,7 +83,7 @@
       if (self.lastId && self.format === "json") url += (url.indexOf("?") < 0 ? "?" : "&") + "last_id=" + encodeURIComponent(self.lastId);
       var ws = new WebSocket(url);
       self.ws = ws;
-      ws.onmessage = function (event) { self.onFrame(event.data); };
+      ws.onmessage = function (event) { self.heardAt = Date.now(); self.onFrame(event.data); };
       ws.onclose = function (event) { self.onClose(event); };
     }, function (err) {
       self.emit("error", err);
@@ -95,6 +103,7 @@
       case "welcome":
         this.attempt = 0;
         this.setState("connected");
+        this.watch();
         var self = this;
         this.channels.forEach(function (c) { self.send({ type: "subscribe", channel: c }); });
         this.emit("welcome", frame);
@@ -120,7 +129,28 @@
     }
   };
 
+  /* Pings a quiet connection; drops one that stays silent (see the header). */
+  PushNode.prototype.watch = function () {
+    var self = this, ws = this.ws, pingedAt = 0;
+    clearInterval(this.liveness);
+    var tick = Math.max(100, Math.min(this.pingInterval, this.pongTimeout) / 4);
+    this.liveness = setInterval(function () {
+      if (self.ws !== ws) { clearInterval(self.liveness); return; }
+      var now = Date.now();
+      if (pingedAt > self.heardAt && now - pingedAt >= self.pongTimeout) {
+        clearInterval(self.liveness);
+        ws.onmessage = ws.onclose = null;
+        try { ws.close(); } catch (e) { /* already closing */ }
+        self.onClose({ code: 1006, reason: "no answer within " + self.pongTimeout + " ms" });
+      } else if (pingedAt <= self.heardAt && now - self.heardAt >= self.pingInterval) {
+        pingedAt = now;
+        self.send({ type: "ping" });
+      }
+    }, tick);
+  };
+
   PushNode.prototype.onClose = function (event) {
+    clearInterval(this.liveness);
     this.ws = null;
     this.emit("close", { code: event.code, reason: event.reason });
     if (this.stopped) {
