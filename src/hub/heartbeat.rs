@@ -121,6 +121,22 @@ mod tests {
     use crate::protocol::Format;
 
     #[test]
+    fn a_ping_that_finds_the_outbox_full_closes_a_slow_consumer_and_counts_its_drop() {
+        let hub = Hub::new("n1", false);
+        let session = Arc::new(LocalSession::new(hub.next_session_id(), "a".into(), Format::Raw, Outbox::new(1)));
+        let _registration = hub.register(session.clone(), 10).expect("registered");
+        session.outbox.push(Outgoing::control(WireFrame::Ping)).expect("room for one");
+        session.liveness.heard();
+        // A recorder of this test's own (the process-wide one is shared by every test).
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || step(&hub.session_refs(), Duration::from_secs(60)));
+        assert_eq!(session.outbox.closing(), Some(CloseReason::SlowConsumer));
+        let text = handle.render();
+        assert!(text.contains("pushnode_messages_dropped_total{reason=\"slow_consumer\"} 1"), "{text}");
+    }
+
+    #[test]
     fn a_sweep_step_pings_the_heard_closes_the_silent_and_skips_the_departed() {
         let hub = Hub::new("n1", false);
         let session =
