@@ -84,8 +84,7 @@ fn the_alert_rules_pass_promtool() {
         return;
     }
     let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/pushnode/files/alerts.yml");
-    let out = Command::new("promtool").arg("check").arg("rules").arg(&rules).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    promtool_succeeds(&["check", "rules"], &rules);
     let text = std::fs::read_to_string(&rules).unwrap();
     for alert in [
         "PushnodeSubscriberProbeStale",
@@ -103,7 +102,12 @@ fn the_alert_rules_fire_and_stay_quiet_where_they_should() {
         return;
     }
     let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/alert_rules_test.yml");
-    let out = Command::new("promtool").arg("test").arg("rules").arg(&tests).output().unwrap();
+    promtool_succeeds(&["test", "rules"], &tests);
+}
+
+/// Runs `promtool <args> <file>` and asserts it succeeded, showing what it said if not.
+fn promtool_succeeds(args: &[&str], file: &Path) {
+    let out = Command::new("promtool").args(args).arg(file).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
