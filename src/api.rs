@@ -32,12 +32,15 @@ pub fn router(node: Node) -> Router {
         .route("/api/users/{user}/unread", get(unread))
         .route("/api/users/{user}/read", post(read))
         .route_layer(middleware::from_fn_with_state(node.clone(), require_api_key));
-    Router::new()
+    let pusher_api = node.apps().is_enabled() && node.settings().pusher.api_listener.internal();
+    let router = Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(node)
+        .with_state(node.clone());
+    // Signed with the apps' secrets, not the API keys (see `pusher::api`).
+    if pusher_api { router.merge(crate::pusher::api::router(node)) } else { router }
 }
 
 /// An API error: status, message, and the request field at fault if there is one.

@@ -1,5 +1,7 @@
 //! The public listener: the WebSocket upgrade (at `/ws` and `/`), the demo page, the browser
-//! client `/pushnode.js`, and the demo helper routes when `demo.enabled`.
+//! client `/pushnode.js`, the demo helper routes when `demo.enabled`, and with Pusher apps
+//! configured the Pusher WebSocket (`/app/<key>`) and, by `pusher.api_listener`, the Pusher
+//! HTTP API.
 //!
 //! Every check happens before the 101: draining (503), origin (403), authentication (401), the
 //! node's connection limit (503) and the user's (429). Only then is the connection upgraded
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,7 +33,7 @@ use crate::auth::{AuthError, bearer};
 use crate::channel::valid_name;
 use crate::metrics as m;
 use crate::node::Node;
-use crate::protocol::{Format, NoteId};
+use crate::protocol::{CloseReason, Format, NoteId};
 use crate::session;
 
 const DEMO_PAGE: &str = include_str!("assets/demo.html");
@@ -46,7 +48,12 @@ pub fn router(node: Node) -> Router {
     if node.settings().demo.enabled {
         router = router.route("/demo/token", get(demo_token)).route("/demo/send", post(demo_send));
     }
-    router.with_state(node)
+    if node.apps().is_enabled() {
+        router = router.route("/app/{key}", get(pusher_upgrade));
+    }
+    let pusher_api = node.apps().is_enabled() && node.settings().pusher.api_listener.public();
+    let router = router.with_state(node.clone());
+    if pusher_api { router.merge(crate::pusher::api::router(node)) } else { router }
 }
 
 /// Connection parameters in the upgrade URL.
@@ -94,33 +101,12 @@ fn reject(status: StatusCode, reason: &'static str, message: impl Into<String>) 
 
 async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mut req: Request) -> Response {
     let started = Instant::now();
-    let headers = req.headers();
-    if !is_upgrade(headers) {
-        return reject(StatusCode::UPGRADE_REQUIRED, "not_websocket", "expected a WebSocket upgrade");
-    }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        return reject(StatusCode::BAD_REQUEST, "bad_handshake", "Sec-WebSocket-Version must be 13");
-    }
-    // RFC 6455 4.2.1: the key is the base64 of 16 bytes, sent once.
-    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
-    let key = match (keys.next(), keys.next()) {
-        (Some(key), None) if valid_websocket_key(key.as_bytes()) => key,
-        _ => {
-            return reject(
-                StatusCode::BAD_REQUEST,
-                "bad_handshake",
-                "Sec-WebSocket-Key must be one base64 value of 16 bytes",
-            );
-        }
+    let accept = match handshake(&node, req.headers()) {
+        Ok(accept) => accept,
+        Err(response) => return *response,
     };
-    let accept = derive_accept_key(key.as_bytes());
-    if node.is_draining() {
-        return reject(StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down; retry");
-    }
+    let headers = req.headers();
     let auth = node.auth();
-    if let Err(e) = auth.check_origin(headers.get_all(header::ORIGIN).iter().map(HeaderValue::as_bytes)) {
-        return reject(StatusCode::FORBIDDEN, e.label(), e.to_string());
-    }
     let header_token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
     let token = query.token.as_deref().or(header_token);
     let identity = match auth.authenticate(token, query.uid.as_deref()) {
@@ -178,12 +164,90 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
     });
 
     metrics::histogram!(m::HANDSHAKE_DURATION).record(started.elapsed().as_secs_f64());
+    switching_protocols(&accept)
+}
+
+/// The Pusher front end's WebSocket: `/app/<key>?protocol=7&client=js&version=…`. The checks
+/// that need no app (handshake, draining, origin, the node's limits) answer in HTTP as for
+/// native sessions; an unknown key (4001) or an app at its connection cap (4100) is refused
+/// after the upgrade, in the Pusher way, because pusher-js reads only close codes.
+async fn pusher_upgrade(State(node): State<Node>, Path(key): Path<String>, mut req: Request) -> Response {
+    let started = Instant::now();
+    let accept = match handshake(&node, req.headers()) {
+        Ok(accept) => accept,
+        Err(response) => return *response,
+    };
+    let Some(admission) = node.admit() else {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "node_full", "node at its connection or memory limit; retry");
+    };
+    let app = match node.apps().by_key(&key) {
+        Some(app) => app.admit().ok_or(CloseReason::OverCapacity),
+        None => Err(CloseReason::UnknownApp),
+    };
+    if let Err(reason) = app {
+        metrics::counter!(m::CONNECTIONS_REJECTED, "reason" => reason.label()).increment(1);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let config = Box::new(ws_config(&node));
+    let ctx = node.session_context().clone();
+    let frames_per_second = node.settings().limits.client_frames_per_second;
+    node.tracker().spawn(async move {
+        let _admission = admission;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = session::Metered::new(TokioIo::new(upgraded), frames_per_second);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(*config)).await;
+                match app {
+                    Ok(app) => session::run_pusher(ws, ctx, app).await,
+                    Err(reason) => session::refuse_pusher(ws, reason).await,
+                }
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    metrics::histogram!(m::HANDSHAKE_DURATION).record(started.elapsed().as_secs_f64());
+    switching_protocols(&accept)
+}
+
+/// The checks every WebSocket upgrade passes, whatever its protocol: a valid handshake, a node
+/// that is not draining, an allowed origin. `Ok` holds the `Sec-WebSocket-Accept` value.
+fn handshake(node: &Node, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    if !is_upgrade(headers) {
+        return Err(Box::new(reject(StatusCode::UPGRADE_REQUIRED, "not_websocket", "expected a WebSocket upgrade")));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err(Box::new(reject(StatusCode::BAD_REQUEST, "bad_handshake", "Sec-WebSocket-Version must be 13")));
+    }
+    // RFC 6455 4.2.1: the key is the base64 of 16 bytes, sent once.
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(key), None) if valid_websocket_key(key.as_bytes()) => key,
+        _ => {
+            return Err(Box::new(reject(
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                "Sec-WebSocket-Key must be one base64 value of 16 bytes",
+            )));
+        }
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    if node.is_draining() {
+        return Err(Box::new(reject(StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down; retry")));
+    }
+    if let Err(e) = node.auth().check_origin(headers.get_all(header::ORIGIN).iter().map(HeaderValue::as_bytes)) {
+        return Err(Box::new(reject(StatusCode::FORBIDDEN, e.label(), e.to_string())));
+    }
+    Ok(accept)
+}
+
+/// The 101 answer to an upgrade.
+fn switching_protocols(accept: &str) -> Response {
     let mut response = Response::new(axum::body::Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(value) = HeaderValue::from_str(&accept) {
+    if let Ok(value) = HeaderValue::from_str(accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
     }
     response

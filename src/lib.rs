@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod protocol;
+pub mod pusher;
 pub mod redis_link;
 pub mod server;
 pub mod session;

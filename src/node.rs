@@ -13,6 +13,7 @@ use crate::broker::Broker;
 use crate::channel::ChannelNames;
 use crate::hub::Hub;
 use crate::inbox::Inbox;
+use crate::pusher::Apps;
 use crate::session::SessionContext;
 use crate::settings::Settings;
 
@@ -29,6 +30,7 @@ struct Inner {
     inbox: Inbox,
     auth: Authenticator,
     names: ChannelNames,
+    apps: Apps,
     session_context: Arc<SessionContext>,
     metrics: PrometheusHandle,
     tracker: TaskTracker,
@@ -83,6 +85,7 @@ pub struct Parts {
     pub inbox: Inbox,
     pub auth: Authenticator,
     pub names: ChannelNames,
+    pub apps: Apps,
     pub session_context: Arc<SessionContext>,
     pub metrics: PrometheusHandle,
     pub tracker: TaskTracker,
@@ -92,7 +95,7 @@ pub struct Parts {
 
 impl Node {
     pub fn new(parts: Parts) -> Self {
-        let Parts { settings, hub, broker, inbox, auth, names, session_context, metrics, tracker, max_sessions } =
+        let Parts { settings, hub, broker, inbox, auth, names, apps, session_context, metrics, tracker, max_sessions } =
             parts;
         Self {
             inner: Arc::new(Inner {
@@ -102,6 +105,7 @@ impl Node {
                 inbox,
                 auth,
                 names,
+                apps,
                 session_context,
                 metrics,
                 tracker,
@@ -132,6 +136,11 @@ impl Node {
         &self.inner.names
     }
     /// What every session of this node shares.
+    /// The Pusher apps (none when the Pusher front end is off).
+    pub fn apps(&self) -> &Apps {
+        &self.inner.apps
+    }
+
     pub fn session_context(&self) -> &Arc<SessionContext> {
         &self.inner.session_context
     }

@@ -29,6 +29,7 @@ use crate::hub::{Hub, heartbeat};
 use crate::inbox::Inbox;
 use crate::node::{Node, Parts};
 use crate::protocol::CloseReason;
+use crate::pusher::Apps;
 use crate::redis_link::RedisLink;
 use crate::session::SessionContext;
 use crate::settings::Settings;
@@ -107,7 +108,15 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     }
     let inbox = Inbox::new(&settings.inbox, link, hub.clone(), names.clone());
     tracker.spawn(inbox.clone().run(stop.clone()));
-    let session_context = Arc::new(SessionContext::new(&settings, hub.clone(), names.clone(), Some(inbox.clone())));
+    let apps = Apps::new(&settings.pusher, cluster);
+    let session_context = Arc::new(SessionContext::new(
+        &settings,
+        hub.clone(),
+        names.clone(),
+        Some(inbox.clone()),
+        apps.clone(),
+        broker.clone(),
+    ));
     tracker.spawn(heartbeat::sweep(
         hub.clone(),
         settings.session.heartbeat_interval,
@@ -121,6 +130,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         inbox,
         auth,
         names,
+        apps,
         session_context,
         metrics,
         tracker: tracker.clone(),

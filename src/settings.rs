@@ -38,6 +38,7 @@ pub struct Settings {
     pub limits: Limits,
     pub broker: Broker,
     pub inbox: Inbox,
+    pub pusher: Pusher,
     pub demo: Demo,
     pub log: Log,
 }
@@ -376,6 +377,82 @@ impl Default for Inbox {
     }
 }
 
+/// The Pusher protocol front end (pusher-js, Laravel Echo, Pusher server SDKs). Off while
+/// `apps` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pusher {
+    /// The applications: clients connect to `/app/<key>`, servers call `/apps/<id>/...` signed
+    /// with the secret. In a file, `[[pusher.apps]]` tables; from the environment,
+    /// `PUSHNODE__PUSHER__APPS__<n>__<FIELD>` (n from 0), which also overrides one field of
+    /// the file's n-th app (the secret, say).
+    pub apps: Vec<PusherApp>,
+    /// Sent to clients as `activity_timeout`: after this long without a frame from the node,
+    /// pusher-js sends `pusher:ping` (whole seconds, at least 1).
+    #[serde(with = "humantime_serde")]
+    pub activity_timeout: Duration,
+    /// Where the HTTP API (`/apps/<id>/events`, ...) is served: `public` (beside `/app/<key>`,
+    /// the one host Laravel's `PUSHER_HOST` names), `internal`, or `both`.
+    pub api_listener: ApiListener,
+}
+
+impl Default for Pusher {
+    fn default() -> Self {
+        Self { apps: Vec::new(), activity_timeout: Duration::from_secs(30), api_listener: ApiListener::Public }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiListener {
+    Public,
+    Internal,
+    Both,
+}
+
+impl ApiListener {
+    pub fn public(self) -> bool {
+        matches!(self, Self::Public | Self::Both)
+    }
+
+    pub fn internal(self) -> bool {
+        matches!(self, Self::Internal | Self::Both)
+    }
+}
+
+/// One Pusher application.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PusherApp {
+    /// The app id in API paths (`PUSHER_APP_ID`).
+    pub id: String,
+    /// The public key clients connect with (`PUSHER_APP_KEY`).
+    pub key: String,
+    /// Signs channel authorisations and API requests (`PUSHER_APP_SECRET`). At least 8 bytes.
+    pub secret: String,
+    /// Accept `client-*` events (Echo's `whisper`) on private and presence channels.
+    #[serde(default)]
+    pub enable_client_messages: bool,
+    /// Most connections of this app on one node; 0: only the node's limits apply.
+    #[serde(default)]
+    pub max_connections: usize,
+}
+
+impl std::fmt::Debug for PusherApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PusherApp")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("secret", &redact_secret(&self.secret))
+            .field("enable_client_messages", &self.enable_client_messages)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// Shortest Pusher app secret accepted.
+pub const MIN_PUSHER_SECRET_LEN: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Demo {
@@ -457,6 +534,9 @@ impl Settings {
                 let items: Vec<String> =
                     value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned).collect();
                 builder = builder.set_override(key, items)?;
+            } else if let Some(path) = indexed_path(&key) {
+                // A field of a list of tables (`pusher.apps.0.secret` is `pusher.apps[0].secret`).
+                builder = builder.set_override(path, value.clone())?;
             } else {
                 plain.insert(name.clone(), value.clone());
             }
@@ -616,8 +696,44 @@ impl Settings {
         if self.inbox.key_prefix.contains(['{', '}']) {
             return Err(invalid("inbox.key_prefix", "must not contain braces (the user id is the hash tag)"));
         }
+        self.validate_pusher()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
             return Err(invalid("log.filter", format!("{:?} is not a valid filter", self.log.filter)));
+        }
+        Ok(())
+    }
+
+    fn validate_pusher(&self) -> Result<(), SettingsError> {
+        let pusher = &self.pusher;
+        if pusher.activity_timeout < Duration::from_secs(1) {
+            return Err(invalid("pusher.activity_timeout", "must be at least 1s"));
+        }
+        // Ids and keys appear in URL paths: a plain alphabet keeps them out of any escaping.
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        for (i, app) in pusher.apps.iter().enumerate() {
+            if !plain(&app.id) {
+                return Err(invalid("pusher.apps.id", format!("app {i}: 1 to 64 of A-Z a-z 0-9 - _ .")));
+            }
+            if !plain(&app.key) {
+                return Err(invalid("pusher.apps.key", format!("app {i}: 1 to 64 of A-Z a-z 0-9 - _ .")));
+            }
+            if app.secret.len() < MIN_PUSHER_SECRET_LEN {
+                return Err(invalid(
+                    "pusher.apps.secret",
+                    format!("app {} needs a secret of at least {MIN_PUSHER_SECRET_LEN} bytes", app.id),
+                ));
+            }
+            let earlier = &pusher.apps[..i];
+            if earlier.iter().any(|other| other.id == app.id) {
+                return Err(invalid("pusher.apps.id", format!("{:?} is used twice", app.id)));
+            }
+            if earlier.iter().any(|other| other.key == app.key) {
+                return Err(invalid("pusher.apps.key", format!("{:?} is used twice", app.key)));
+            }
         }
         Ok(())
     }
@@ -629,8 +745,29 @@ impl Settings {
         copy.auth.api_keys = copy.auth.api_keys.iter().map(|_| REDACTED.into()).collect();
         copy.broker.redis_url = redact_url(&copy.broker.redis_url);
         copy.broker.cluster_nodes = copy.broker.cluster_nodes.iter().map(|u| redact_url(u)).collect();
+        for app in &mut copy.pusher.apps {
+            app.secret = redact_secret(&app.secret).to_owned();
+        }
         toml::to_string(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
+}
+
+/// `a.b.0.c` as config's path `a.b[0].c`; `None` for a key without a numeric segment.
+fn indexed_path(key: &str) -> Option<String> {
+    let mut path = String::with_capacity(key.len() + 2);
+    let mut indexed = false;
+    for segment in key.split('.') {
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) && !path.is_empty() {
+            path.push_str(&format!("[{segment}]"));
+            indexed = true;
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(segment);
+        }
+    }
+    indexed.then_some(path)
 }
 
 fn redact_secret(secret: &str) -> &str {
@@ -780,6 +917,54 @@ mod tests {
         assert_eq!(settings.auth.jwt_secret, "12345678901234567890123456789012345");
         assert_eq!(settings.auth.api_keys, vec!["0123456789012345678".to_owned()]);
         assert!(!settings.demo.enabled);
+    }
+
+    #[test]
+    fn pusher_apps_come_from_a_file_and_their_secrets_from_the_environment() {
+        let dir = std::env::temp_dir().join(format!("pushnode-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("apps.toml");
+        std::fs::write(&file, "[[pusher.apps]]\nid = \"1\"\nkey = \"k1\"\nsecret = \"from-the-file\"\n").unwrap();
+        let settings = Settings::load_from(
+            Some(&file),
+            &env(&[
+                ("PUSHNODE__PUSHER__APPS__0__SECRET", "00000000from-env"),
+                ("PUSHNODE__AUTH__INSECURE_UID", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.pusher.apps.len(), 1);
+        assert_eq!(
+            (settings.pusher.apps[0].id.as_str(), settings.pusher.apps[0].secret.as_str()),
+            ("1", "00000000from-env")
+        );
+        assert!(!settings.redacted_toml().contains("from-env"));
+        assert!(!format!("{settings:?}").contains("from-env"));
+
+        // Without a file, the environment alone defines the app.
+        let settings = Settings::load_from(
+            None,
+            &env(&[
+                ("PUSHNODE__PUSHER__APPS__0__ID", "7"),
+                ("PUSHNODE__PUSHER__APPS__0__KEY", "key7"),
+                ("PUSHNODE__PUSHER__APPS__0__SECRET", "secret-seven"),
+                ("PUSHNODE__PUSHER__APPS__0__ENABLE_CLIENT_MESSAGES", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (settings.pusher.apps[0].key.as_str(), settings.pusher.apps[0].enable_client_messages),
+            ("key7", true)
+        );
+
+        let short = env(&[
+            ("PUSHNODE__PUSHER__APPS__0__ID", "7"),
+            ("PUSHNODE__PUSHER__APPS__0__KEY", "k"),
+            ("PUSHNODE__PUSHER__APPS__0__SECRET", "short"),
+        ]);
+        let err = Settings::load_from(None, &short).unwrap_err().to_string();
+        assert!(err.contains("pusher.apps.secret"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

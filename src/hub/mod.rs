@@ -98,6 +98,8 @@ struct Inner {
     users: DashMap<Arc<str>, usize>,
     subscriptions: subscriptions::State,
     node_id: Arc<str>,
+    /// The node part of this node's Pusher socket ids (random per process, never 0).
+    socket_node: u32,
     next_session: AtomicU64,
     next_message: AtomicU64,
     /// Registered once: looking a counter up by name costs a hash per message.
@@ -117,6 +119,7 @@ impl Hub {
                 users: DashMap::new(),
                 subscriptions: subscriptions::State::new(track_interest),
                 node_id: node_id.into(),
+                socket_node: fastrand::u32(1..),
                 next_session: AtomicU64::new(1),
                 next_message: AtomicU64::new(1),
                 queued: metrics::counter!(m::MESSAGES_QUEUED),
@@ -129,6 +132,11 @@ impl Hub {
 
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
+    }
+
+    /// The node part of Pusher socket ids made here (`<socket_node>.<session id>`).
+    pub fn socket_node(&self) -> u32 {
+        self.inner.socket_node
     }
 
     pub fn next_session_id(&self) -> SessionId {
@@ -146,6 +154,8 @@ impl Hub {
     /// session task that returns early or panics cannot stay in the hub.
     pub fn register(&self, session: Arc<LocalSession>, max_per_user: usize) -> Result<Registration, TooManySessions> {
         match self.inner.users.entry(session.user.clone()) {
+            // A socket without a user (a Pusher socket before it signs in) is no user's.
+            _ if session.user.is_empty() => {}
             Entry::Occupied(mut e) => {
                 if *e.get() >= max_per_user {
                     return Err(TooManySessions);
@@ -251,8 +261,13 @@ impl Hub {
         }
         let generation = self.generation();
         let fallback_id = || self.next_message_id();
+        // The sender of a client event (or an API publish's `socket_id`), if it is here.
+        let except = delivery.except.and_then(|(node, id)| (node == self.inner.socket_node).then_some(id));
         let mut fanout = Fanout::default();
         for session in entry.members.iter() {
+            if except == Some(session.id) {
+                continue;
+            }
             let Some(frame) = delivery.frame(session.format, &fallback_id) else { continue };
             let frame =
                 Outgoing { frame: frame.clone(), published_us: delivery.ts, persisted: delivery.persisted, generation };

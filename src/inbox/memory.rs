@@ -121,6 +121,7 @@ impl MemoryInbox {
             ts: now_us,
             persisted: true,
             unread: Some(unread),
+            socket: None,
             data,
         };
         // Delivered while the entry is held, so a user's notifications leave in id order.

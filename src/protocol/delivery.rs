@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{Format, PROTOCOL_VERSION, WireFrame, json};
+use super::{Format, PROTOCOL_VERSION, WireFrame, json, pusher};
 
 /// Id of a persisted notification: `<ms>-<seq>` (a Redis stream id), ordered per user. Each
 /// part is at most [`NoteId::MAX_PART`].
@@ -81,6 +81,10 @@ pub struct Envelope<'a> {
     /// The user's unread count right after this notification (persisted only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unread: Option<u64>,
+    /// A Pusher socket id (`<node>.<session>`) that must not get this message: the sender of a
+    /// client event, or the `socket_id` of a Pusher API publish (Echo's `toOthers()`).
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub socket: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub data: &'a RawValue,
 }
@@ -94,6 +98,7 @@ impl<'a> Envelope<'a> {
             ts: now_micros(),
             persisted: false,
             unread: None,
+            socket: None,
             data,
         }
     }
@@ -201,6 +206,10 @@ pub struct Delivery {
     json: OnceCell<WireFrame>,
     /// `None` for frames raw sessions do not get (unread-count updates).
     raw: Option<WireFrame>,
+    /// Built on first use, for Pusher sessions.
+    pusher: OnceCell<Option<WireFrame>>,
+    /// The session (node part, session part of a Pusher socket id) that must not get it.
+    pub except: Option<(u32, u64)>,
     payload: Bytes,
     topic: Option<Arc<str>>,
     /// An envelope whose `data` fails [`json::check`]: JSON sessions do not get it.
@@ -230,12 +239,15 @@ impl Delivery {
                 && env.pushnode == PROTOCOL_VERSION
             {
                 let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
+                let except = env.socket.as_deref().and_then(pusher::parse_socket_id);
                 if json::check(env.data.get()).is_err() {
                     return Self {
                         ts: env.ts,
                         persisted: None,
                         json,
                         raw: Some(raw),
+                        pusher: OnceCell::new(),
+                        except,
                         payload: Bytes::new(),
                         topic,
                         invalid: true,
@@ -256,14 +268,27 @@ impl Delivery {
                     persisted,
                     json,
                     raw: Some(raw),
-                    payload: Bytes::new(),
+                    pusher: OnceCell::new(),
+                    except,
+                    // Kept for the Pusher frame, built only if a Pusher session wants it.
+                    payload: payload.clone(),
                     topic,
                     invalid: false,
                 };
             }
             if let Ok(update) = serde_json::from_slice::<UnreadUpdate>(payload) {
                 let _ = json.set(unread_frame(update.unread));
-                return Self { ts: 0, persisted: None, json, raw: None, payload: Bytes::new(), topic, invalid: false };
+                return Self {
+                    ts: 0,
+                    persisted: None,
+                    json,
+                    raw: None,
+                    pusher: OnceCell::from(None),
+                    except: None,
+                    payload: Bytes::new(),
+                    topic,
+                    invalid: false,
+                };
             }
         }
         Self {
@@ -271,6 +296,8 @@ impl Delivery {
             persisted: None,
             json,
             raw: Some(text_or_binary(payload.clone())),
+            pusher: OnceCell::new(),
+            except: None,
             payload: payload.clone(),
             topic,
             invalid: false,
@@ -290,7 +317,22 @@ impl Delivery {
             Format::Json if self.invalid => None,
             Format::Json => Some(self.json.get_or_init(|| self.foreign_json(&fallback_id()))),
             Format::Raw => self.raw.as_ref(),
+            Format::Pusher if self.invalid => None,
+            Format::Pusher => self.pusher.get_or_init(|| self.pusher_frame()).as_ref(),
         }
+    }
+
+    /// The Pusher event frame: the envelope's (or a Laravel broadcast's) event and data, on the
+    /// channel's Pusher name. Payloads without an event name are not Pusher events: `None`.
+    fn pusher_frame(&self) -> Option<WireFrame> {
+        let channel = self.topic.as_deref()?;
+        if starts_like_ours(&self.payload) {
+            let env = serde_json::from_slice::<Envelope<'_>>(&self.payload).ok()?;
+            return Some(pusher::event_frame(env.event.as_deref()?, channel, env.data));
+        }
+        let laravel = serde_json::from_slice::<LaravelBroadcast<'_>>(&self.payload).ok()?;
+        json::check(laravel.data.get()).ok()?;
+        Some(pusher::event_frame(&laravel.event, channel, laravel.data))
     }
 
     /// The notification frame around a payload that is not ours.

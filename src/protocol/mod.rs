@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 mod delivery;
 pub mod json;
+pub mod pusher;
 
 pub use delivery::{Delivery, Envelope, NoteId, UnreadUpdate, encode_stored, now_micros, unread_frame};
 
@@ -28,6 +29,10 @@ pub enum Format {
     /// Exactly the bytes that were published as `data` (or, for a plain Redis `PUBLISH`, the
     /// whole payload): the classic demo client's `JSON.parse(event.data).cnt` works unchanged.
     Raw,
+    /// A Pusher protocol session ([`pusher`]): events as `{"event","channel","data"}` frames.
+    /// Set by the `/app/{key}` endpoint, never chosen by `format=` or in the settings.
+    #[serde(skip)]
+    Pusher,
 }
 
 impl Format {
@@ -200,11 +205,23 @@ pub enum CloseReason {
     MessageTooBig,
     /// The client broke the WebSocket protocol (bad masking, invalid UTF-8, ...).
     ProtocolError,
+    /// Pusher: the app key in the URL names no configured app.
+    UnknownApp,
+    /// Pusher: the app has its maximum number of connections.
+    OverCapacity,
     /// Writing to the socket failed or timed out.
     WriteFailed,
 }
 
 impl CloseReason {
+    /// The close code for a session speaking `format`.
+    pub const fn code_for(self, format: Format) -> u16 {
+        match format {
+            Format::Pusher => pusher::close_code(self),
+            Format::Json | Format::Raw => self.code(),
+        }
+    }
+
     pub const fn code(self) -> u16 {
         match self {
             Self::Normal => 1000,
@@ -217,6 +234,8 @@ impl CloseReason {
             Self::HeartbeatTimeout => 4002,
             Self::RateLimited => 4003,
             Self::TooManyConnections => 4004,
+            // Pusher-only reasons; a native session never gets them.
+            Self::UnknownApp | Self::OverCapacity => 1008,
         }
     }
 
@@ -233,6 +252,8 @@ impl CloseReason {
             Self::MessageTooBig => "message_too_big",
             Self::ProtocolError => "protocol_error",
             Self::WriteFailed => "write_failed",
+            Self::UnknownApp => "unknown_app",
+            Self::OverCapacity => "over_capacity",
         }
     }
 
@@ -249,6 +270,8 @@ impl CloseReason {
             Self::MessageTooBig => "frame too large".to_owned(),
             Self::ProtocolError => "protocol error".to_owned(),
             Self::WriteFailed => "write failed".to_owned(),
+            Self::UnknownApp => "unknown app key".to_owned(),
+            Self::OverCapacity => "over capacity; reconnect later".to_owned(),
             Self::Normal | Self::Gone => String::new(),
         }
     }
@@ -283,6 +306,8 @@ mod tests {
             CloseReason::MessageTooBig,
             CloseReason::ProtocolError,
             CloseReason::WriteFailed,
+            CloseReason::UnknownApp,
+            CloseReason::OverCapacity,
         ];
         for r in reasons {
             assert!(r.text().len() <= 123, "{r:?}");

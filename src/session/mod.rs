@@ -20,6 +20,7 @@
 
 mod inbox;
 mod meter;
+mod pusher;
 mod rate;
 mod resume;
 
@@ -52,14 +53,17 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tracing::{Instrument, debug, info_span, trace};
 
+use self::pusher::PusherSession;
 use self::resume::Resume;
 use crate::auth::Identity;
+use crate::broker::Broker;
 use crate::channel::{ChannelKind, ChannelNames, granted, valid_name};
 use crate::hub::{Hub, LocalSession, Registration, TooManySessions};
 use crate::inbox::Inbox;
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing};
 use crate::protocol::{ClientFrame, CloseReason, ErrorCode, Format, NoteId, ServerFrame, WireFrame, now_micros};
+use crate::pusher::{AppSlot, Apps};
 use crate::settings::Settings;
 
 /// How long a close frame may take to leave before the socket is simply dropped.
@@ -87,12 +91,22 @@ pub struct SessionContext {
     subscribe_wait: Duration,
     inbox: Option<Inbox>,
     replay_limit: usize,
+    /// The Pusher front end's apps, and the broker its client events are published on.
+    apps: Apps,
+    broker: Broker,
     delivered: metrics::Counter,
     latency: metrics::Histogram,
 }
 
 impl SessionContext {
-    pub fn new(settings: &Settings, hub: Hub, names: ChannelNames, inbox: Option<Inbox>) -> Self {
+    pub fn new(
+        settings: &Settings,
+        hub: Hub,
+        names: ChannelNames,
+        inbox: Option<Inbox>,
+        apps: Apps,
+        broker: Broker,
+    ) -> Self {
         Self {
             node_id: hub.node_id().into(),
             hub,
@@ -105,6 +119,8 @@ impl SessionContext {
             subscribe_wait: settings.broker.subscribe_wait,
             inbox,
             replay_limit: settings.inbox.replay_limit,
+            apps,
+            broker,
             delivered: metrics::counter!(m::MESSAGES_DELIVERED),
             latency: metrics::histogram!(m::DELIVERY_LATENCY),
         }
@@ -126,12 +142,48 @@ pub fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    start(ws, ctx, identity, format, last_id, None)
+}
+
+/// Runs one Pusher protocol session of the app holding `app` to its end. The socket has no
+/// user (the hub does not count it as one) until it signs in.
+pub fn run_pusher<S>(ws: WebSocketStream<S>, ctx: Arc<SessionContext>, app: AppSlot) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let identity = Identity { user: "".into(), channels: Vec::new() };
+    start(ws, ctx, identity, Format::Pusher, None, Some(app))
+}
+
+/// Refuses a Pusher connection after its upgrade, the way pusher-js understands: a
+/// `pusher:error` with the code, then the close frame with it (4001 unknown app: pusher-js
+/// gives up; 4100 over capacity: it retries after a back-off).
+pub async fn refuse_pusher<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, reason: CloseReason) {
+    metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
+    close(&mut ws, reason, Format::Pusher).await;
+}
+
+fn start<S>(
+    ws: WebSocketStream<S>,
+    ctx: Arc<SessionContext>,
+    identity: Identity,
+    format: Format,
+    last_id: Option<NoteId>,
+    app: Option<AppSlot>,
+) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let local = Arc::new(LocalSession::new(
         ctx.hub.next_session_id(),
         identity.user.clone(),
         format,
         Outbox::new(ctx.outbox_capacity),
     ));
+    let pusher = app.map(|app| {
+        let socket_id = crate::protocol::pusher::socket_id(ctx.hub.socket_node(), local.id);
+        Box::new(PusherSession::new(app, socket_id))
+    });
     let span = info_span!("session", id = local.id, user = %identity.user);
     // Registered here, before the task first runs: the guard is in the hub's books from now
     // on, and whatever becomes of the task (it ends, panics, or is dropped unpolled) dropping
@@ -148,6 +200,7 @@ where
             resync_at: None,
             last_id,
             replay_failures: 0,
+            pusher,
         }),
         Err(TooManySessions) => Err(ws),
     };
@@ -158,7 +211,7 @@ where
             Ok(session) => session.run().await,
             Err(ws) => {
                 // Raced past the pre-upgrade check; refuse with a close code instead.
-                Box::pin(close(ws, CloseReason::TooManyConnections)).await;
+                Box::pin(close(ws, CloseReason::TooManyConnections, format)).await;
                 CloseReason::TooManyConnections
             }
         };
@@ -184,6 +237,8 @@ struct Session<S> {
     last_id: Option<NoteId>,
     /// Inbox replays that failed in a row (for the retry backoff).
     replay_failures: u32,
+    /// Pusher sessions only.
+    pusher: Option<Box<PusherSession>>,
 }
 
 impl<S> Session<S>
@@ -194,20 +249,25 @@ where
     /// when the session is dropped.
     async fn run(&mut self) -> CloseReason {
         metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
-        self.registration.join_user(self.user_channel.clone());
-        // The welcome means "what is published from now on reaches you": wait (bounded) for
-        // the broker to confirm the subscription. Frames queued meanwhile are kept.
-        self.ctx.hub.wait_live(&self.user_channel, self.ctx.subscribe_wait).await;
+        if self.pusher.is_none() {
+            self.registration.join_user(self.user_channel.clone());
+            // The welcome means "what is published from now on reaches you": wait (bounded)
+            // for the broker to confirm the subscription. Frames queued meanwhile are kept.
+            self.ctx.hub.wait_live(&self.user_channel, self.ctx.subscribe_wait).await;
+        }
 
         let reason = self.serve().await;
-        Box::pin(close(&mut self.ws, reason)).await;
+        Box::pin(close(&mut self.ws, reason, self.registration.format)).await;
         reason
     }
 
     async fn serve(&mut self) -> CloseReason {
-        if self.registration.format == Format::Json
-            && let Err(reason) = Box::pin(self.welcome()).await
-        {
+        let greeted = match self.registration.format {
+            Format::Json => Box::pin(self.welcome()).await,
+            Format::Pusher => Box::pin(self.connection_established()).await,
+            Format::Raw => Ok(()),
+        };
+        if let Err(reason) = greeted {
             return reason;
         }
 
@@ -264,7 +324,11 @@ where
         match message {
             // Every frame, of any kind, was counted against the frame budget as it arrived
             // ([`Metered`]).
+            Message::Text(text) if self.pusher.is_some() => self.on_pusher_text(&text).await,
             Message::Text(text) => self.on_text(&text).await,
+            Message::Binary(_) if self.pusher.is_some() => {
+                self.pusher_error(None, "binary frames are not part of the protocol").await
+            }
             Message::Binary(_) => {
                 self.reply_error(ErrorCode::Unsupported, "binary frames are not part of the protocol").await
             }
@@ -371,6 +435,7 @@ where
     /// registration saved per delivery).
     async fn write_frames(&mut self, frames: &mut Vec<Outgoing>) -> Result<(), CloseReason> {
         let Self { ws, registration, ctx, .. } = self;
+        let format = registration.format;
         let count = frames.len();
         let newest_ts = frames.iter().map(|out| out.published_us).max().unwrap_or(0);
         let write = async {
@@ -378,6 +443,10 @@ where
                 let message = match out.frame {
                     WireFrame::Text(text) => Message::Text(text),
                     WireFrame::Binary(bytes) => Message::Binary(bytes),
+                    // pusher-js cannot see WebSocket pings; it answers this one with pusher:pong.
+                    WireFrame::Ping if format == Format::Pusher => {
+                        Message::Text(Utf8Bytes::from_static(crate::protocol::pusher::PING))
+                    }
                     WireFrame::Ping => Message::Ping(Bytes::new()),
                 };
                 ws.feed(message).await?;
@@ -417,8 +486,9 @@ where
     }
 }
 
-/// Sends a close frame (best effort, bounded), then lingers so the client can read it.
-async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, reason: CloseReason) {
+/// Sends a close frame (best effort, bounded), then lingers so the client can read it. A
+/// Pusher session with a Pusher code (4000 and up) first gets it in a `pusher:error` too.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, reason: CloseReason, format: Format) {
     if matches!(reason, CloseReason::WriteFailed | CloseReason::Gone) {
         return; // nobody to tell, or no way to: a close frame would only wait
     }
@@ -429,7 +499,12 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, r
         linger(ws.get_mut()).await;
         return;
     }
-    let frame = CloseFrame { code: CloseCode::from(reason.code()), reason: Utf8Bytes::from(reason.text()) };
+    let code = reason.code_for(format);
+    if format == Format::Pusher && code >= 4000 {
+        let error = crate::protocol::pusher::error(Some(code), &reason.text());
+        let _ = timeout(CLOSE_TIMEOUT, ws.send(Message::Text(error.into()))).await;
+    }
+    let frame = CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason.text()) };
     if !matches!(timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await, Ok(Ok(()))) {
         return;
     }

@@ -1,0 +1,365 @@
+//! The Pusher protocol 7 front end's wire format: the frames pusher-js (and Laravel Echo on it)
+//! exchanges with a server, the Pusher close codes, channel names and the HMAC signatures that
+//! authorise private and presence channels.
+//!
+//! Every Pusher frame is a JSON object `{"event": …, "channel": …, "data": …}`. The server
+//! writes `data` as a JSON **string** (pusher-js parses it when it can); clients send it as an
+//! object or as a string holding an object, and both are accepted. `docs/pusher.md` is the
+//! prose version of this file.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::Sha256;
+
+use super::{CloseReason, WireFrame};
+
+/// Longest channel name Pusher accepts, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 164;
+/// Longest event name accepted (Pusher's limit).
+pub const MAX_EVENT_LEN: usize = 200;
+
+/// The protocol version spoken (the `protocol` query parameter pusher-js sends).
+pub const PROTOCOL: u32 = 7;
+
+/// What a channel's name makes of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelClass {
+    Public,
+    Private,
+    /// `private-encrypted-`: authorised like private; payloads are end-to-end encrypted by the
+    /// application and relayed untouched.
+    Encrypted,
+    Presence,
+}
+
+impl ChannelClass {
+    /// Classifies a valid channel name (see [`valid_channel`]).
+    pub fn of(channel: &str) -> Self {
+        if channel.starts_with("private-encrypted-") {
+            Self::Encrypted
+        } else if channel.starts_with("private-") {
+            Self::Private
+        } else if channel.starts_with("presence-") {
+            Self::Presence
+        } else {
+            Self::Public
+        }
+    }
+
+    /// Whether subscribing needs a signature.
+    pub fn needs_auth(self) -> bool {
+        self != Self::Public
+    }
+}
+
+/// Pusher's channel name rule: 1 to [`MAX_CHANNEL_LEN`] bytes of `A-Z a-z 0-9 _ - = @ , . ;`.
+/// Braces are not in the alphabet, so a name never breaks a Redis Cluster hash tag.
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CHANNEL_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';'))
+}
+
+/// A socket id as Pusher server SDKs require it: `<digits>.<digits>`. The first part names the
+/// node (random per process), the second the session on it.
+pub fn socket_id(node: u32, session: u64) -> String {
+    format!("{node}.{session}")
+}
+
+/// Splits a socket id into its node and session parts; `None` unless it is `<u32>.<u64>`.
+pub fn parse_socket_id(id: &str) -> Option<(u32, u64)> {
+    let (node, session) = id.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(node) || !digits(session) {
+        return None;
+    }
+    Some((node.parse().ok()?, session.parse().ok()?))
+}
+
+/// A frame from a pusher-js client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    Ping,
+    Pong,
+    Subscribe {
+        channel: String,
+        auth: Option<String>,
+        channel_data: Option<String>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    /// `client-*` on a channel: relayed to the channel's other subscribers. `data` is the JSON
+    /// text as sent.
+    ClientEvent {
+        event: String,
+        channel: String,
+        data: String,
+    },
+    /// Any other `pusher:` event (for example `pusher:signin` before it is supported): answered
+    /// with an error, the connection stays.
+    Other {
+        event: String,
+    },
+}
+
+/// Why a client frame was refused; the text is safe to send back in a `pusher:error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FrameError(pub String);
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    event: String,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct SubscribeData {
+    channel: String,
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    channel_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UnsubscribeData {
+    channel: String,
+}
+
+impl ClientFrame {
+    pub fn decode(text: &str) -> Result<Self, FrameError> {
+        let incoming: Incoming<'_> =
+            serde_json::from_str(text).map_err(|e| FrameError(format!("invalid frame: {e}")))?;
+        match incoming.event.as_str() {
+            "pusher:ping" => Ok(Self::Ping),
+            "pusher:pong" => Ok(Self::Pong),
+            "pusher:subscribe" => {
+                let data: SubscribeData = object_data(incoming.data)?;
+                Ok(Self::Subscribe { channel: data.channel, auth: data.auth, channel_data: data.channel_data })
+            }
+            "pusher:unsubscribe" => {
+                let data: UnsubscribeData = object_data(incoming.data)?;
+                Ok(Self::Unsubscribe { channel: data.channel })
+            }
+            event if event.starts_with("client-") => {
+                let channel = incoming.channel.ok_or_else(|| FrameError("client event without a channel".into()))?;
+                let data = incoming.data.map_or("{}", RawValue::get).to_owned();
+                Ok(Self::ClientEvent { event: incoming.event, channel, data })
+            }
+            _ => Ok(Self::Other { event: incoming.event }),
+        }
+    }
+}
+
+/// A `data` field that must hold an object: given as an object, or as a string of one.
+fn object_data<T: for<'de> Deserialize<'de>>(data: Option<&RawValue>) -> Result<T, FrameError> {
+    let data = data.ok_or_else(|| FrameError("missing data".into()))?;
+    let parsed = match serde_json::from_str::<String>(data.get()) {
+        Ok(inner) => serde_json::from_str(&inner),
+        Err(_) => serde_json::from_str(data.get()),
+    };
+    parsed.map_err(|e| FrameError(format!("invalid data: {e}")))
+}
+
+/// One server frame, `data` written as a JSON string.
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    data: &'a str,
+}
+
+fn frame(event: &str, channel: Option<&str>, data: &str) -> String {
+    serde_json::to_string(&Outgoing { event, channel, data }).unwrap_or_default()
+}
+
+/// An event frame for a delivery: `data` is the published JSON; a string is passed as it is,
+/// anything else is written as a string holding it (what Pusher does).
+pub fn event_frame(event: &str, channel: &str, data: &RawValue) -> WireFrame {
+    let text = data.get();
+    let frame = match serde_json::from_str::<String>(text) {
+        Ok(string) => self::frame(event, Some(channel), &string),
+        Err(_) => self::frame(event, Some(channel), text),
+    };
+    WireFrame::text(frame)
+}
+
+/// `pusher:connection_established`: the socket id, and the seconds of silence after which the
+/// client should send `pusher:ping`.
+pub fn connection_established(socket_id: &str, activity_timeout: u64) -> String {
+    let data = serde_json::json!({ "socket_id": socket_id, "activity_timeout": activity_timeout }).to_string();
+    frame("pusher:connection_established", None, &data)
+}
+
+pub fn pong() -> String {
+    frame("pusher:pong", None, "{}")
+}
+
+/// The node's own ping (the heartbeat, for Pusher sessions): pusher-js answers `pusher:pong`.
+pub const PING: &str = r#"{"event":"pusher:ping","data":"{}"}"#;
+
+/// `pusher:error`, connection-scoped. `code` `None` for errors that do not close.
+pub fn error(code: Option<u16>, message: &str) -> String {
+    let data = serde_json::json!({ "code": code, "message": message });
+    // Pusher writes this one's data as an object; pusher-js accepts both.
+    serde_json::json!({ "event": "pusher:error", "data": data }).to_string()
+}
+
+pub fn subscription_succeeded(channel: &str) -> String {
+    frame("pusher_internal:subscription_succeeded", Some(channel), "{}")
+}
+
+/// A channel-scoped `pusher:subscription_error` (pusher-js emits `subscription_error` on the
+/// channel, and Echo's `.error()` fires).
+pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> String {
+    let data = serde_json::json!({ "type": kind, "error": message, "status": status }).to_string();
+    frame("pusher:subscription_error", Some(channel), &data)
+}
+
+/// The close code a Pusher client gets for `reason`. pusher-js acts on the range: 4000–4099
+/// do not reconnect, 4100–4199 reconnect after a back-off, 4200–4299 reconnect at once.
+pub const fn close_code(reason: CloseReason) -> u16 {
+    match reason {
+        CloseReason::Normal => 1000,
+        CloseReason::Gone => 1006,
+        CloseReason::ProtocolError => 1002,
+        CloseReason::MessageTooBig => 1009,
+        CloseReason::WriteFailed => 1011,
+        CloseReason::UnknownApp => 4001,
+        CloseReason::OverCapacity | CloseReason::SlowConsumer | CloseReason::TooManyConnections => 4100,
+        // A draining node: reconnect at once (to another node).
+        CloseReason::ServerShutdown { .. } => 4200,
+        CloseReason::HeartbeatTimeout => 4201,
+        CloseReason::RateLimited => 4301,
+    }
+}
+
+/// Hex HMAC-SHA256 of `message` under `secret`: how applications sign channel authorisations.
+pub fn sign(secret: &str, message: &str) -> String {
+    let mut mac = hmac(secret);
+    mac.update(message.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks a hex HMAC-SHA256 `signature` of `message` in constant time.
+pub fn verify(secret: &str, message: &str, signature: &str) -> bool {
+    let Ok(signature) = hex::decode(signature) else { return false };
+    let mut mac = hmac(secret);
+    mac.update(message.as_bytes());
+    mac.verify_slice(&signature).is_ok()
+}
+
+fn hmac(secret: &str) -> Hmac<Sha256> {
+    // HMAC takes keys of any length; this cannot fail.
+    <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!())
+}
+
+/// What a subscription's `auth` must sign: `socket_id:channel`, plus `:channel_data` on a
+/// presence channel.
+pub fn auth_message(socket_id: &str, channel: &str, channel_data: Option<&str>) -> String {
+    match channel_data {
+        Some(data) => format!("{socket_id}:{channel}:{data}"),
+        None => format!("{socket_id}:{channel}"),
+    }
+}
+
+/// Checks a subscription's `auth` (`<app key>:<hex signature>`) for `key`/`secret`.
+pub fn check_auth(key: &str, secret: &str, auth: &str, message: &str) -> bool {
+    match auth.split_once(':') {
+        Some((given_key, signature)) => given_key == key && verify(secret, message, signature),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribe_data_is_taken_as_an_object_or_a_string() {
+        let object = r#"{"event":"pusher:subscribe","data":{"channel":"private-a","auth":"k:00"}}"#;
+        let string = r#"{"event":"pusher:subscribe","data":"{\"channel\":\"private-a\",\"auth\":\"k:00\"}"}"#;
+        let expected =
+            ClientFrame::Subscribe { channel: "private-a".into(), auth: Some("k:00".into()), channel_data: None };
+        assert_eq!(ClientFrame::decode(object), Ok(expected));
+        assert_eq!(
+            ClientFrame::decode(string),
+            Ok(ClientFrame::Subscribe { channel: "private-a".into(), auth: Some("k:00".into()), channel_data: None })
+        );
+        assert!(ClientFrame::decode(r#"{"event":"pusher:subscribe","data":{}}"#).is_err());
+        assert!(ClientFrame::decode(r#"{"event":"pusher:subscribe"}"#).is_err());
+        assert!(ClientFrame::decode("[1]").is_err());
+        assert_eq!(ClientFrame::decode(r#"{"event":"pusher:ping","data":{}}"#), Ok(ClientFrame::Ping));
+    }
+
+    #[test]
+    fn server_data_is_a_json_string() {
+        let established: serde_json::Value = serde_json::from_str(&connection_established("12.34", 30)).unwrap();
+        let data: serde_json::Value = serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["socket_id"], "12.34");
+        assert_eq!(data["activity_timeout"], 30);
+
+        let object = RawValue::from_string(r#"{"a":1}"#.into()).unwrap();
+        let string = RawValue::from_string(r#""already a string""#.into()).unwrap();
+        assert_eq!(
+            event_frame("e", "c", &object),
+            WireFrame::text(r#"{"event":"e","channel":"c","data":"{\"a\":1}"}"#.into())
+        );
+        assert_eq!(
+            event_frame("e", "c", &string),
+            WireFrame::text(r#"{"event":"e","channel":"c","data":"already a string"}"#.into())
+        );
+    }
+
+    #[test]
+    fn socket_ids_round_trip_and_reject_other_shapes() {
+        assert_eq!(parse_socket_id(&socket_id(7, 42)), Some((7, 42)));
+        for bad in ["", "1", "1.", ".1", "a.1", "1.2.3", "1.-2", "99999999999.1"] {
+            assert_eq!(parse_socket_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn signatures_match_pusher_and_reject_tampering() {
+        // The example from Pusher's channel authorization documentation.
+        let message = auth_message("1234.1234", "private-foobar", None);
+        let signature = sign("7ad3773142a6692b25b8", &message);
+        assert_eq!(signature, "58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4");
+        assert!(check_auth(
+            "278d425bdf160c739803",
+            "7ad3773142a6692b25b8",
+            &format!("278d425bdf160c739803:{signature}"),
+            &message
+        ));
+        assert!(!check_auth(
+            "278d425bdf160c739803",
+            "7ad3773142a6692b25b8",
+            &format!("other-key:{signature}"),
+            &message
+        ));
+        assert!(!check_auth("278d425bdf160c739803", "7ad3773142a6692b25b8", "278d425bdf160c739803:00", &message));
+        assert!(!check_auth("278d425bdf160c739803", "7ad3773142a6692b25b8", &signature, &message));
+        assert!(!verify("7ad3773142a6692b25b8", "1234.1234:private-other", &signature));
+    }
+
+    #[test]
+    fn channel_names_and_classes() {
+        assert!(valid_channel("presence-room.1;a,b=c@d"));
+        assert!(!valid_channel("a{b}"));
+        assert!(!valid_channel(""));
+        assert!(!valid_channel(&"x".repeat(MAX_CHANNEL_LEN + 1)));
+        assert_eq!(ChannelClass::of("private-encrypted-x"), ChannelClass::Encrypted);
+        assert_eq!(ChannelClass::of("private-x"), ChannelClass::Private);
+        assert_eq!(ChannelClass::of("presence-x"), ChannelClass::Presence);
+        assert_eq!(ChannelClass::of("news"), ChannelClass::Public);
+    }
+}

@@ -1,0 +1,287 @@
+// Pusher protocol scenarios run with clients nobody here wrote: pusher-js (the browser SDK, its
+// Node build), laravel-echo on top of it, and the `pusher` server SDK for the HTTP API.
+//
+//   node pusher.mjs <scenario> '<config JSON>'
+//
+// config: { nodes: ["127.0.0.1:port", ...] (public listeners), api: "127.0.0.1:port",
+//           appId, key, secret }. Exits 0 when the scenario held, 1 with the reason otherwise.
+import assert from 'node:assert/strict';
+import { createRequire } from 'node:module';
+
+const require = createRequire(import.meta.url);
+const Pusher = require('pusher-js');
+const PusherServer = require('pusher');
+const { default: Echo } = await import('laravel-echo');
+
+const [scenario, configText] = process.argv.slice(2);
+const config = JSON.parse(configText);
+const WAIT_MS = 10000;
+
+const [apiHost, apiPort] = config.api.split(':');
+function server(overrides = {}) {
+  return new PusherServer({
+    appId: config.appId,
+    key: config.key,
+    secret: config.secret,
+    host: apiHost,
+    port: apiPort,
+    useTLS: false,
+    ...overrides,
+  });
+}
+
+/// A pusher-js client on node `i`, authorising channels with the server SDK (as an app's
+/// /broadcasting/auth endpoint would).
+function client(i, { key = config.key, authServer = server() } = {}) {
+  const [host, port] = config.nodes[i].split(':');
+  return new Pusher(key, {
+    wsHost: host,
+    wsPort: Number(port),
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    cluster: 'local',
+    disableStats: true,
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        callback(null, authServer.authorizeChannel(socketId, channelName));
+      },
+    },
+  });
+}
+
+function within(what, promise, ms = WAIT_MS) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+function connected(pusher) {
+  return within('connection', new Promise((resolve, reject) => {
+    pusher.connection.bind('connected', () => resolve(pusher.connection.socket_id));
+    pusher.connection.bind('failed', () => reject(new Error('connection failed')));
+  }));
+}
+
+function subscribed(pusher, name) {
+  const channel = pusher.subscribe(name);
+  return within(`subscription to ${name}`, new Promise((resolve, reject) => {
+    channel.bind('pusher:subscription_succeeded', () => resolve(channel));
+    channel.bind('pusher:subscription_error', (e) => reject(new Error(`subscription error ${JSON.stringify(e)}`)));
+  }));
+}
+
+/// The next `event` on `channel`, collected from the moment of the call.
+function next(channel, event) {
+  return within(`${event} on ${channel.name}`, new Promise((resolve) => {
+    const handler = (data) => {
+      channel.unbind(event, handler);
+      resolve(data);
+    };
+    channel.bind(event, handler);
+  }));
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const scenarios = {
+  // Two sockets on two nodes; the server SDK publishes through the first node's API.
+  async public_across_nodes() {
+    const [a, b] = [client(0), client(1)];
+    const [socketA] = await Promise.all([connected(a), connected(b)]);
+    assert.match(socketA, /^\d+\.\d+$/);
+    const [ca, cb] = await Promise.all([subscribed(a, 'news'), subscribed(b, 'news')]);
+    const [ga, gb] = [next(ca, 'headline'), next(cb, 'headline')];
+    await server().trigger('news', 'headline', { title: 'first' });
+    assert.deepEqual(await ga, { title: 'first' });
+    assert.deepEqual(await gb, { title: 'first' });
+
+    // toOthers(): the socket_id's socket is skipped, everyone else gets it.
+    let leaked = null;
+    ca.bind('excluded', (data) => { leaked = data; });
+    const onlyB = next(cb, 'excluded');
+    await server().trigger('news', 'excluded', { n: 2 }, { socket_id: socketA });
+    assert.deepEqual(await onlyB, { n: 2 });
+    // A later event reaches A, so A's silence above was the exclusion, not a dead channel.
+    const after = next(ca, 'after');
+    await server().trigger('news', 'after', { n: 3 });
+    await after;
+    assert.equal(leaked, null, 'the excluded socket got the event');
+
+    // Several channels in one call, and a batch.
+    const [cc] = await Promise.all([subscribed(b, 'sports')]);
+    const [m1, m2] = [next(cb, 'multi'), next(cc, 'multi')];
+    await server().trigger(['news', 'sports'], 'multi', 'plain string');
+    assert.equal(await m1, 'plain string');
+    assert.equal(await m2, 'plain string');
+    const [b1, b2] = [next(cb, 'one'), next(cc, 'two')];
+    await server().triggerBatch([
+      { channel: 'news', name: 'one', data: { i: 1 } },
+      { channel: 'sports', name: 'two', data: { i: 2 } },
+    ]);
+    assert.deepEqual(await b1, { i: 1 });
+    assert.deepEqual(await b2, { i: 2 });
+    a.disconnect();
+    b.disconnect();
+  },
+
+  async private_channels() {
+    const a = client(0);
+    await connected(a);
+    const channel = await subscribed(a, 'private-orders');
+    const got = next(channel, 'shipped');
+    await server().trigger('private-orders', 'shipped', { order: 7 });
+    assert.deepEqual(await got, { order: 7 });
+
+    // Signed with another secret: a channel-scoped subscription error, and the socket stays.
+    const forger = client(0, { authServer: server({ secret: 'not-the-secret' }) });
+    await connected(forger);
+    const refused = forger.subscribe('private-orders');
+    const error = await within('subscription error', new Promise((resolve) => {
+      refused.bind('pusher:subscription_error', resolve);
+      refused.bind('pusher:subscription_succeeded', () => resolve('succeeded'));
+    }));
+    assert.equal(error.type, 'AuthError', JSON.stringify(error));
+    assert.equal(error.status, 401);
+    assert.equal(forger.connection.state, 'connected');
+    await subscribed(forger, 'public-still-works');
+    a.disconnect();
+    forger.disconnect();
+  },
+
+  // End-to-end encrypted: the node relays ciphertext it cannot read; pusher-js decrypts.
+  async encrypted_channels() {
+    const masterKey = Buffer.alloc(32, 7).toString('base64');
+    const sdk = server({ encryptionMasterKeyBase64: masterKey });
+    const a = client(0, { authServer: sdk });
+    await connected(a);
+    const channel = await subscribed(a, 'private-encrypted-vault');
+    const got = next(channel, 'secret');
+    await sdk.trigger('private-encrypted-vault', 'secret', { code: 1234 });
+    assert.deepEqual(await got, { code: 1234 });
+    a.disconnect();
+  },
+
+  async unknown_key_is_refused_with_4001() {
+    const a = client(0, { key: 'no-such-key' });
+    const seen = [];
+    await within('error 4001', new Promise((resolve) => a.connection.bind('error', (error) => {
+      seen.push(error);
+      // During the handshake pusher-js wraps the refusal: {type: 'WebSocketError', error: {...}}.
+      const refusal = error?.error ?? error;
+      if (refusal?.type === 'PusherError' && refusal.data?.code === 4001) resolve();
+    }))).catch((e) => { throw new Error(`${e.message}; errors seen: ${JSON.stringify(seen)}`); });
+    // pusher-js does not retry a 4000-4099 refusal.
+    await within('disconnected', new Promise((resolve) => {
+      if (a.connection.state === 'disconnected') resolve();
+      a.connection.bind('disconnected', resolve);
+    }));
+    a.disconnect();
+  },
+
+  // Echo's whisper: client events between sockets on two nodes, never echoed to the sender.
+  async whisper() {
+    const [a, b] = [client(0), client(1)];
+    await Promise.all([connected(a), connected(b)]);
+    const [ca, cb] = await Promise.all([subscribed(a, 'private-chat'), subscribed(b, 'private-chat')]);
+    let echoed = false;
+    ca.bind('client-typing', () => { echoed = true; });
+    const heard = next(cb, 'client-typing');
+    assert.ok(ca.trigger('client-typing', { who: 'a' }));
+    assert.deepEqual(await heard, { who: 'a' });
+    const back = next(ca, 'client-typing');
+    assert.ok(cb.trigger('client-typing', { who: 'b' }));
+    assert.deepEqual(await back, { who: 'b' });
+    assert.equal(echoed, true); // that was b's
+    echoed = false;
+    const again = next(cb, 'client-typing');
+    ca.trigger('client-typing', { who: 'a', n: 2 });
+    await again;
+    await sleep(200);
+    assert.equal(echoed, false, 'the sender got its own client event');
+    a.disconnect();
+    b.disconnect();
+  },
+
+  // Laravel Echo on pusher-js, as a Laravel front end uses it.
+  async laravel_echo() {
+    const [host, port] = config.nodes[0].split(':');
+    // Echo as resources/js/echo.js sets it up, with `sdk` standing in for /broadcasting/auth.
+    const echoWith = (sdk) => new Echo({
+      broadcaster: 'pusher',
+      key: config.key,
+      wsHost: host,
+      wsPort: Number(port),
+      forceTLS: false,
+      enabledTransports: ['ws'],
+      cluster: 'local',
+      disableStats: true,
+      Pusher,
+      authorizer: (channel) => ({
+        authorize: (socketId, callback) => callback(null, sdk.authorizeChannel(socketId, channel.name)),
+      }),
+    });
+    const sdk = server();
+    const echo = echoWith(sdk);
+    const shipped = within('OrderShipped', new Promise((resolve) => {
+      echo.private('orders.7').listen('.OrderShipped', resolve);
+    }));
+    const publicEvent = within('public event', new Promise((resolve) => {
+      echo.channel('announcements').listen('.Announced', resolve);
+    }));
+    // Echo subscribes on connect; publish once both subscriptions are confirmed.
+    const pusher = echo.connector.pusher;
+    await within('echo subscriptions', (async () => {
+      while (!(pusher.channel('private-orders.7')?.subscribed && pusher.channel('announcements')?.subscribed)) {
+        await sleep(20);
+      }
+    })());
+    await sdk.trigger('private-orders.7', 'OrderShipped', { order: { id: 7 } });
+    await sdk.trigger('announcements', 'Announced', { text: 'hi' });
+    assert.deepEqual(await shipped, { order: { id: 7 } });
+    assert.deepEqual(await publicEvent, { text: 'hi' });
+
+    // .error() fires on a refused authorisation.
+    const forged = echoWith(server({ secret: 'not-the-secret' }));
+    const failure = await within('echo .error()', new Promise((resolve) => {
+      forged.private('orders.8').error(resolve);
+    }));
+    assert.equal(failure.status, 401, JSON.stringify(failure));
+    echo.disconnect();
+    forged.disconnect();
+  },
+
+  // The server SDK signing with a wrong secret gets 401 and publishes nothing.
+  async api_refuses_a_wrong_signature() {
+    const a = client(0);
+    await connected(a);
+    const channel = await subscribed(a, 'guarded');
+    let leaked = null;
+    channel.bind('forged', (d) => { leaked = d; });
+    const status = await server({ secret: 'not-the-secret' }).trigger('guarded', 'forged', {}).then(
+      () => 200,
+      (e) => e.status,
+    );
+    assert.equal(status, 401);
+    const fine = next(channel, 'fine');
+    await server().trigger('guarded', 'fine', {});
+    await fine;
+    assert.equal(leaked, null);
+    a.disconnect();
+  },
+};
+
+const run = scenarios[scenario];
+if (!run) {
+  console.error(`unknown scenario ${scenario}; one of ${Object.keys(scenarios).join(', ')}`);
+  process.exit(2);
+}
+try {
+  await run();
+  console.log(`${scenario}: ok`);
+  process.exit(0);
+} catch (e) {
+  console.error(`${scenario}: ${e.stack || e}`);
+  process.exit(1);
+}

@@ -1,0 +1,456 @@
+//! The Pusher protocol front end, spoken by clients nobody here wrote: pusher-js, Laravel Echo
+//! and the `pusher` server SDK (tests/browser/pusher.mjs, run with Node), on two nodes over one
+//! real Redis; and the protocol details (frames, close codes, signatures) with a plain
+//! WebSocket client.
+//!
+//! The Node scenarios need `node` and `npm ci --prefix tests/browser` (`.ci/run` does it);
+//! without them they say so and pass locally, and fail under CI (`CI` set).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::redis::RedisServer;
+use common::{Client, TestNode, WAIT, eventually, on_redis};
+use futures_util::{SinkExt, StreamExt};
+use md5::{Digest, Md5};
+use pushnode::Settings;
+use pushnode::protocol::pusher::sign;
+use pushnode::settings::PusherApp;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const APP_ID: &str = "1001";
+const KEY: &str = "app-key-1001";
+const APP_SECRET: &str = "app-secret-1001-0123";
+
+fn with_app(s: &mut Settings) {
+    s.pusher.apps = vec![PusherApp {
+        id: APP_ID.into(),
+        key: KEY.into(),
+        secret: APP_SECRET.into(),
+        enable_client_messages: true,
+        max_connections: 0,
+    }];
+}
+
+/// The scripts' folder, or `None` (outside CI) when Node or the packages are missing.
+fn scripts() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let ready = dir.join("node_modules/pusher-js").exists() && Command::new("node").arg("--version").output().is_ok();
+    if !ready {
+        assert!(std::env::var_os("CI").is_none(), "pusher test prerequisites missing under CI");
+        eprintln!("SKIPPED: install node and run `npm ci --prefix tests/browser` to run the pusher-js tests");
+        return None;
+    }
+    Some(dir)
+}
+
+/// Runs one scenario of pusher.mjs against `nodes` (the API on the first one's public listener).
+async fn scenario(name: &str, nodes: &[&TestNode]) {
+    let Some(dir) = scripts() else { return };
+    let config = json!({
+        "nodes": nodes.iter().map(|n| n.public.to_string()).collect::<Vec<_>>(),
+        "api": nodes[0].public.to_string(),
+        "appId": APP_ID, "key": KEY, "secret": APP_SECRET,
+    });
+    let name = name.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node").arg(dir.join("pusher.mjs")).arg(&name).arg(config.to_string()).output()
+    })
+    .await
+    .unwrap()
+    .expect("cannot run node");
+    assert!(
+        output.status.success(),
+        "pusher.mjs failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Two nodes with the app, on one real Redis.
+async fn pair(redis: &RedisServer) -> (TestNode, TestNode) {
+    let a = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        with_app(s);
+    })
+    .await;
+    let b = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        with_app(s);
+    })
+    .await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_receives_public_events_on_every_node_except_the_excluded_socket() {
+    let redis = RedisServer::start();
+    let (a, b) = pair(&redis).await;
+    scenario("public_across_nodes", &[&a, &b]).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_channels_need_the_apps_signature_and_a_forged_one_gets_a_subscription_error() {
+    let node = TestNode::with(with_app).await;
+    scenario("private_channels", &[&node]).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_channels_are_relayed_opaque_and_decrypted_by_pusher_js() {
+    let node = TestNode::with(with_app).await;
+    scenario("encrypted_channels", &[&node]).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_with_an_unknown_key_gets_4001_and_stops_retrying() {
+    let node = TestNode::with(with_app).await;
+    scenario("unknown_key_is_refused_with_4001", &[&node]).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whispers_cross_nodes_and_never_return_to_the_sender() {
+    let redis = RedisServer::start();
+    let (a, b) = pair(&redis).await;
+    scenario("whisper", &[&a, &b]).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_echo_listens_on_private_and_public_channels_and_sees_refusals() {
+    let node = TestNode::with(with_app).await;
+    scenario("laravel_echo", &[&node]).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sdk_signing_with_a_wrong_secret_gets_401_and_publishes_nothing() {
+    let node = TestNode::with(with_app).await;
+    scenario("api_refuses_a_wrong_signature", &[&node]).await;
+    node.stop().await;
+}
+
+// ---- The protocol in detail, with a plain WebSocket client ----
+
+async fn pusher_client(node: &TestNode, key: &str) -> Client {
+    Client::connect(&format!("ws://{}/app/{key}?protocol=7&client=js&version=8.6.0", node.public)).await.unwrap()
+}
+
+/// Reads frames until one with `event`; returns it with `data` parsed when it is a string.
+async fn event(client: &mut Client, event: &str) -> Value {
+    loop {
+        let mut frame = client.next_json().await;
+        if frame["event"] == event {
+            if let Some(text) = frame["data"].as_str()
+                && let Ok(data) = serde_json::from_str::<Value>(text)
+            {
+                frame["data"] = data;
+            }
+            return frame;
+        }
+    }
+}
+
+/// Asserts that no event but the node's own `pusher:ping` arrives within `quiet`.
+async fn expect_no_event(client: &mut Client, quiet: Duration) {
+    let deadline = tokio::time::Instant::now() + quiet;
+    loop {
+        match tokio::time::timeout_at(deadline, client.ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"pusher:ping\"") => continue,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(other) => panic!("expected no event, got {other:?}"),
+        }
+    }
+}
+
+async fn established(node: &TestNode) -> (Client, String) {
+    let mut client = pusher_client(node, KEY).await;
+    let frame = client.next_json().await;
+    assert_eq!(frame["event"], "pusher:connection_established", "{frame}");
+    // Pusher SDKs read `data` as a string holding JSON.
+    let data: Value = serde_json::from_str(frame["data"].as_str().expect("data is a string")).unwrap();
+    let socket_id = data["socket_id"].as_str().unwrap().to_owned();
+    (client, socket_id)
+}
+
+fn auth(socket_id: &str, channel: &str) -> String {
+    format!("{KEY}:{}", sign(APP_SECRET, &format!("{socket_id}:{channel}")))
+}
+
+#[tokio::test]
+async fn connection_established_carries_a_socket_id_and_an_activity_timeout() {
+    let node = TestNode::with(with_app).await;
+    let mut client = pusher_client(&node, KEY).await;
+    let frame = client.next_json().await;
+    let data: Value = serde_json::from_str(frame["data"].as_str().unwrap()).unwrap();
+    let socket_id = data["socket_id"].as_str().unwrap();
+    let (left, right) = socket_id.split_once('.').unwrap();
+    assert!(left.bytes().chain(right.bytes()).all(|b| b.is_ascii_digit()) && !left.is_empty() && !right.is_empty());
+    assert_eq!(data["activity_timeout"], 30);
+
+    // pusher:ping is answered; a subscribe with data as a string works like one with an object.
+    client.send_json(json!({"event": "pusher:ping", "data": {}})).await;
+    assert_eq!(event(&mut client, "pusher:pong").await["event"], "pusher:pong");
+    let inner = json!({"channel": "news"}).to_string();
+    client.send_json(json!({"event": "pusher:subscribe", "data": inner})).await;
+    let ok = event(&mut client, "pusher_internal:subscription_succeeded").await;
+    assert_eq!(ok["channel"], "news");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_frames_and_bad_subscriptions_get_errors_and_the_socket_stays() {
+    let node = TestNode::with(with_app).await;
+    let (mut client, socket_id) = established(&node).await;
+    client.send_text("not json").await;
+    let error = event(&mut client, "pusher:error").await;
+    assert!(error["data"]["message"].as_str().unwrap().contains("invalid frame"), "{error}");
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "bad{name}"}})).await;
+    let error = event(&mut client, "pusher:subscription_error").await;
+    assert_eq!((error["channel"].as_str(), error["data"]["status"].as_u64()), (Some("bad{name}"), Some(400)));
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "private-x"}})).await;
+    let error = event(&mut client, "pusher:subscription_error").await;
+    assert_eq!(error["data"]["type"], "AuthError");
+    assert_eq!(error["data"]["status"], 401);
+    // A signature for another socket is refused too.
+    let stolen = auth("1.1", "private-x");
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "private-x", "auth": stolen}})).await;
+    assert_eq!(event(&mut client, "pusher:subscription_error").await["data"]["status"], 401);
+    let good = auth(&socket_id, "private-x");
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "private-x", "auth": good}})).await;
+    assert_eq!(event(&mut client, "pusher_internal:subscription_succeeded").await["channel"], "private-x");
+    // Client events are refused on public channels and when not subscribed.
+    client.send_json(json!({"event": "client-x", "channel": "news", "data": {}})).await;
+    assert!(event(&mut client, "pusher:error").await["data"]["message"].as_str().unwrap().contains("private"));
+    client.send_json(json!({"event": "client-x", "channel": "private-y", "data": {}})).await;
+    assert!(event(&mut client, "pusher:error").await["data"]["message"].as_str().unwrap().contains("not subscribed"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_key_is_closed_with_4001_after_a_pusher_error() {
+    let node = TestNode::with(with_app).await;
+    let mut client = pusher_client(&node, "nope").await;
+    let error = event(&mut client, "pusher:error").await;
+    assert_eq!(error["data"]["code"], 4001);
+    assert_eq!(client.close_code().await, 4001);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_app_at_its_connection_cap_refuses_with_4100_and_frees_the_slot_on_close() {
+    let node = TestNode::with(|s| {
+        with_app(s);
+        s.pusher.apps[0].max_connections = 1;
+    })
+    .await;
+    let (first, _) = established(&node).await;
+    let mut second = pusher_client(&node, KEY).await;
+    assert_eq!(event(&mut second, "pusher:error").await["data"]["code"], 4100);
+    assert_eq!(second.close_code().await, 4100);
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut again = pusher_client(&node, KEY).await;
+        if again.next_json().await["event"] == "pusher:connection_established" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slot was never given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_draining_node_tells_pusher_clients_to_reconnect_at_once_with_4200() {
+    let node = TestNode::with(with_app).await;
+    let (mut client, _) = established(&node).await;
+    node.begin_shutdown();
+    assert_eq!(event(&mut client, "pusher:error").await["data"]["code"], 4200);
+    assert_eq!(client.close_code().await, 4200);
+}
+
+#[tokio::test]
+async fn a_silent_pusher_client_is_pinged_then_closed_with_4201() {
+    let node = TestNode::with(|s| {
+        with_app(s);
+        s.session.heartbeat_interval = Duration::from_millis(200);
+        s.session.heartbeat_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let (mut client, _) = established(&node).await;
+    // The node's ping is a pusher:ping text frame (pusher-js cannot see WebSocket pings) ...
+    assert_eq!(event(&mut client, "pusher:ping").await["event"], "pusher:ping");
+    // ... and, unanswered, ends in 4201 (pong not received: pusher-js reconnects at once).
+    let error = event(&mut client, "pusher:error").await;
+    assert_eq!(error["data"]["code"], 4201);
+    assert_eq!(client.close_code().await, 4201);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn client_events_past_ten_a_second_are_dropped_with_4301() {
+    let node = TestNode::with(|s| {
+        with_app(s);
+        s.limits.client_frames_per_second = 100;
+    })
+    .await;
+    let (mut sender, socket_id) = established(&node).await;
+    let (mut receiver, receiver_id) = established(&node).await;
+    for (client, id) in [(&mut sender, &socket_id), (&mut receiver, &receiver_id)] {
+        let auth = auth(id, "private-room");
+        client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "private-room", "auth": auth}})).await;
+        event(client, "pusher_internal:subscription_succeeded").await;
+    }
+    for i in 0..15 {
+        sender.send_json(json!({"event": "client-n", "channel": "private-room", "data": {"i": i}})).await;
+    }
+    let error = event(&mut sender, "pusher:error").await;
+    assert_eq!(error["data"]["code"], 4301);
+    // The first ten got through, in order; the rest were dropped.
+    for i in 0..10 {
+        assert_eq!(event(&mut receiver, "client-n").await["data"]["i"], i);
+    }
+    expect_no_event(&mut receiver, Duration::from_millis(300)).await;
+    node.stop().await;
+}
+
+/// Signs an API request the way Pusher server SDKs do, at `timestamp`.
+fn signed_path(path: &str, body: &str, timestamp: u64, secret: &str) -> String {
+    let md5 = hex::encode(Md5::digest(body.as_bytes()));
+    let query = format!("auth_key={KEY}&auth_timestamp={timestamp}&auth_version=1.0&body_md5={md5}");
+    let signature = sign(secret, &format!("POST\n{path}\n{query}"));
+    format!("{path}?{query}&auth_signature={signature}")
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+async fn post(node: &TestNode, path_and_query: &str, body: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{}{path_and_query}", node.public))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_api_refuses_stale_forged_and_malformed_requests_and_publishes_nothing() {
+    let node = TestNode::with(with_app).await;
+    let (mut client, _) = established(&node).await;
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "news"}})).await;
+    event(&mut client, "pusher_internal:subscription_succeeded").await;
+    let path = format!("/apps/{APP_ID}/events");
+    let body = json!({"name": "e", "channel": "news", "data": "{\"n\":1}"}).to_string();
+
+    let stale = signed_path(&path, &body, now() - 700, APP_SECRET);
+    let (status, error) = post(&node, &stale, &body).await;
+    assert_eq!(status, 401, "{error}");
+    assert!(error["error"].as_str().unwrap().contains("auth_timestamp"), "{error}");
+    assert_eq!(post(&node, &signed_path(&path, &body, now(), "wrong-secret"), &body).await.0, 401);
+    let other_body = json!({"name": "e", "channel": "news", "data": "{\"n\":2}"}).to_string();
+    assert_eq!(post(&node, &signed_path(&path, &body, now(), APP_SECRET), &other_body).await.0, 401);
+    assert_eq!(post(&node, &signed_path("/apps/999/events", &body, now(), APP_SECRET), &body).await.0, 404);
+    for bad in [
+        json!({"name": "e", "data": "{}"}),
+        json!({"name": "", "channel": "news", "data": "{}"}),
+        json!({"name": "e", "channel": "bad{name}", "data": "{}"}),
+        json!({"name": "e", "channel": "news", "data": "{}", "socket_id": "abc"}),
+    ] {
+        let bad = bad.to_string();
+        let (status, error) = post(&node, &signed_path(&path, &bad, now(), APP_SECRET), &bad).await;
+        assert_eq!(status, 400, "{bad}: {error}");
+    }
+    expect_no_event(&mut client, Duration::from_millis(200)).await;
+
+    let (status, _) = post(&node, &signed_path(&path, &body, now(), APP_SECRET), &body).await;
+    assert_eq!(status, 200);
+    let got = event(&mut client, "e").await;
+    assert_eq!((got["channel"].as_str(), &got["data"]), (Some("news"), &json!({"n": 1})));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_listener_setting_moves_the_api_to_the_internal_listener() {
+    let node = TestNode::with(|s| {
+        with_app(s);
+        s.pusher.api_listener = pushnode::settings::ApiListener::Internal;
+    })
+    .await;
+    let path = format!("/apps/{APP_ID}/events");
+    let body = json!({"name": "e", "channel": "news", "data": "{}"}).to_string();
+    assert_eq!(post(&node, &signed_path(&path, &body, now(), APP_SECRET), &body).await.0, 404);
+    let response = reqwest::Client::new()
+        .post(format!("http://{}{}", node.internal, signed_path(&path, &body, now(), APP_SECRET)))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_without_apps_has_no_pusher_endpoints() {
+    let node = TestNode::start().await;
+    assert_eq!(node.refused(&format!("ws://{}/app/{KEY}", node.public), &[]).await, 404);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channels_broker_subscription_follows_its_last_local_socket() {
+    let redis = RedisServer::start();
+    let node = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        with_app(s);
+    })
+    .await;
+    node.wait_ready(200).await;
+    let broker_channel = format!("pusher:{APP_ID}:news");
+    let (mut a, _) = established(&node).await;
+    let (mut b, _) = established(&node).await;
+    for client in [&mut a, &mut b] {
+        client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "news"}})).await;
+        event(client, "pusher_internal:subscription_succeeded").await;
+    }
+    assert_eq!(redis.numsub(&broker_channel), 1, "one subscription per node, not per socket");
+    a.send_json(json!({"event": "pusher:unsubscribe", "data": {"channel": "news"}})).await;
+    a.sync_pusher().await;
+    assert_eq!(redis.numsub(&broker_channel), 1);
+    // The last socket goes away without unsubscribing: the node unsubscribes for it.
+    b.ws.send(Message::Close(None)).await.unwrap();
+    drop(b);
+    let redis_ref = &redis;
+    eventually("the node unsubscribed the channel", || redis_ref.numsub(&broker_channel) == 0).await;
+    node.stop().await;
+}
+
+trait SyncPusher {
+    async fn sync_pusher(&mut self);
+}
+
+impl SyncPusher for Client {
+    /// A ping round trip: everything sent before it was handled.
+    async fn sync_pusher(&mut self) {
+        self.send_json(json!({"event": "pusher:ping", "data": {}})).await;
+        event(self, "pusher:pong").await;
+    }
+}
