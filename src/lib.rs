@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 pub mod pusher;
 pub mod redis_link;

@@ -37,6 +37,8 @@ pub const CONNECTIONS_LIMIT: &str = "pushnode_connections_limit";
 pub const HTTP_CONNECTIONS: &str = "pushnode_http_connections";
 pub const HTTP_CONNECTIONS_DROPPED: &str = "pushnode_http_connections_dropped_total";
 pub const ACCEPT_ERRORS: &str = "pushnode_accept_errors_total";
+pub const PUSHER_CONNECTIONS: &str = "pushnode_pusher_connections";
+pub const PRESENCE_ERRORS: &str = "pushnode_presence_errors_total";
 
 /// Latency buckets from 100 µs to 10 s, roughly three per decade.
 const LATENCY_BUCKETS: &[f64] =
@@ -166,5 +168,13 @@ fn describe() {
     describe_counter!(
         ACCEPT_ERRORS,
         "accept() failures by listener; reason resources is EMFILE, ENFILE, ENOBUFS or ENOMEM"
+    );
+    describe_gauge!(
+        PUSHER_CONNECTIONS,
+        "Pusher protocol sessions open on this node, by app id (part of pushnode_connections)"
+    );
+    describe_counter!(
+        PRESENCE_ERRORS,
+        "Presence changes, syncs or member events that did not reach Redis (repaired by the next sync)"
     );
 }

@@ -21,6 +21,8 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, TlsCertificates, Value};
 use tokio::sync::watch;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::settings::{self, BrokerKind};
 
@@ -259,5 +261,42 @@ impl RedisLink {
     /// Watches the epoch (see [`RedisLink::advance_epoch`]).
     pub fn watch_epoch(&self) -> watch::Receiver<u64> {
         self.inner.epoch.subscribe()
+    }
+
+    /// Loads a Redis Functions library (`FUNCTION LOAD REPLACE`).
+    pub async fn load_library(&self, library: &str) -> Result<(), LinkError> {
+        self.query(redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(library)).await.map(|_| ())
+    }
+
+    /// Loads `library` every time the epoch advances (the first time included), until `stop`:
+    /// a restarted Redis without persistence has forgotten it. `name` is for the log.
+    pub async fn keep_library_loaded(self, name: &'static str, library: &'static str, stop: CancellationToken) {
+        let mut epoch = self.watch_epoch();
+        loop {
+            tokio::select! {
+                changed = epoch.changed() => if changed.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+            match self.load_library(library).await {
+                Ok(()) => info!(library = name, "Redis functions loaded"),
+                Err(e) => {
+                    warn!(library = name, error = %e, "cannot load Redis functions; retrying on the next reconnect")
+                }
+            }
+        }
+    }
+
+    /// `FCALL function 1 key args...`, loading `library` once if Redis does not know the
+    /// function (a restart raced the reload).
+    pub async fn fcall(&self, library: &str, function: &str, key: &str, args: &[&str]) -> Result<Value, LinkError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(function).arg(1).arg(key).arg(args);
+        match self.query(&cmd).await {
+            Err(LinkError::Command(e)) if e.contains("Function not found") || e.contains("function not found") => {
+                self.load_library(library).await?;
+                self.query(&cmd).await
+            }
+            result => result,
+        }
     }
 }

@@ -28,6 +28,7 @@ use crate::fd_budget::FdBudget;
 use crate::hub::{Hub, heartbeat};
 use crate::inbox::Inbox;
 use crate::node::{Node, Parts};
+use crate::presence::{self, Presence};
 use crate::protocol::CloseReason;
 use crate::pusher::Apps;
 use crate::redis_link::RedisLink;
@@ -106,6 +107,19 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     if settings.demo.enabled {
         warn!("demo.enabled is on: /demo/token mints tokens for any user (loopback only)");
     }
+    let presence = Presence::new(
+        node_id.clone(),
+        link.clone(),
+        broker.clone(),
+        settings.pusher.presence_ttl,
+        settings.pusher.max_presence_members,
+    );
+    if !settings.pusher.apps.is_empty() {
+        tracker.spawn(presence.clone().run(stop.clone()));
+        if let Some(link) = &link {
+            tracker.spawn(link.clone().keep_library_loaded("pushnode_presence", presence::LIBRARY, stop.clone()));
+        }
+    }
     let inbox = Inbox::new(&settings.inbox, link, hub.clone(), names.clone());
     tracker.spawn(inbox.clone().run(stop.clone()));
     let apps = Apps::new(&settings.pusher, cluster);
@@ -116,6 +130,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         Some(inbox.clone()),
         apps.clone(),
         broker.clone(),
+        presence,
     ));
     tracker.spawn(heartbeat::sweep(
         hub.clone(),

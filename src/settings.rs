@@ -394,11 +394,23 @@ pub struct Pusher {
     /// Where the HTTP API (`/apps/<id>/events`, ...) is served: `public` (beside `/app/<key>`,
     /// the one host Laravel's `PUSHER_HOST` names), `internal`, or `both`.
     pub api_listener: ApiListener,
+    /// A node that stops without saying goodbye (killed) keeps its presence members for at
+    /// most this long plus a third of it; live nodes refresh every third of it.
+    #[serde(with = "humantime_serde")]
+    pub presence_ttl: Duration,
+    /// Most distinct users in one presence channel (Pusher's limit is 100); one more is refused.
+    pub max_presence_members: usize,
 }
 
 impl Default for Pusher {
     fn default() -> Self {
-        Self { apps: Vec::new(), activity_timeout: Duration::from_secs(30), api_listener: ApiListener::Public }
+        Self {
+            apps: Vec::new(),
+            activity_timeout: Duration::from_secs(30),
+            api_listener: ApiListener::Public,
+            presence_ttl: Duration::from_secs(15),
+            max_presence_members: 100,
+        }
     }
 }
 
@@ -707,6 +719,12 @@ impl Settings {
         let pusher = &self.pusher;
         if pusher.activity_timeout < Duration::from_secs(1) {
             return Err(invalid("pusher.activity_timeout", "must be at least 1s"));
+        }
+        if pusher.presence_ttl < Duration::from_secs(3) {
+            return Err(invalid("pusher.presence_ttl", "must be at least 3s"));
+        }
+        if pusher.max_presence_members == 0 {
+            return Err(invalid("pusher.max_presence_members", "must be at least 1"));
         }
         // Ids and keys appear in URL paths: a plain alphabet keeps them out of any escaping.
         let plain = |s: &str| {

@@ -142,6 +142,136 @@ async fn the_server_sdk_signing_with_a_wrong_secret_gets_401_and_publishes_nothi
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_one_member_per_user_across_nodes_and_tabs() {
+    let redis = RedisServer::start();
+    let (a, b) = pair(&redis).await;
+    scenario("presence_across_nodes", &[&a, &b]).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_works_the_same_on_a_single_node_without_redis() {
+    let node = TestNode::with(with_app).await;
+    scenario("presence_across_nodes", &[&node, &node]).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_echo_presence_here_joining_and_leaving_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = pair(&redis).await;
+    scenario("echo_presence", &[&a, &b]).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A `pushnode serve` child, killed when dropped (a failing test must not leave it running).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_presence_members_are_announced_gone_within_the_ttl() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+
+    let Some(dir) = scripts() else { return };
+    let ttl = Duration::from_secs(3);
+    let redis = RedisServer::start();
+    let survivor = TestNode::with(|s| {
+        on_redis(s, &redis.url());
+        with_app(s);
+        s.pusher.presence_ttl = ttl;
+    })
+    .await;
+    survivor.wait_ready(200).await;
+    let (public, internal) = (free_port(), free_port());
+    let mut doomed = Child(
+        Command::new(env!("CARGO_BIN_EXE_pushnode"))
+            .env_remove("PUSHNODE_CONFIG")
+            .env("PUSHNODE__SERVER__PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+            .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+            .env("PUSHNODE__AUTH__JWT_SECRET", common::SECRET)
+            .env("PUSHNODE__AUTH__API_KEYS", common::API_KEY)
+            .env("PUSHNODE__DEMO__ENABLED", "false")
+            .env("PUSHNODE__BROKER__KIND", "redis")
+            .env("PUSHNODE__BROKER__REDIS_URL", redis.url())
+            .env("PUSHNODE__PUSHER__PRESENCE_TTL", "3s")
+            .env("PUSHNODE__PUSHER__APPS__0__ID", APP_ID)
+            .env("PUSHNODE__PUSHER__APPS__0__KEY", KEY)
+            .env("PUSHNODE__PUSHER__APPS__0__SECRET", APP_SECRET)
+            .env("PUSHNODE__LOG__FILTER", "warn")
+            .arg("serve")
+            .spawn()
+            .unwrap(),
+    );
+    let ready = format!("http://127.0.0.1:{internal}/readyz");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
+        assert!(tokio::time::Instant::now() < deadline, "the child node never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Deadline passed after at most one TTL, reaped by the survivor's next sync (a third of it),
+    // plus a second for the event to travel and the machine to be busy.
+    let bound = ttl + ttl / 3 + Duration::from_secs(1);
+    let config = json!({
+        "nodes": [survivor.public.to_string(), format!("127.0.0.1:{public}")],
+        "api": survivor.public.to_string(),
+        "appId": APP_ID, "key": KEY, "secret": APP_SECRET,
+        "killBoundMs": bound.as_millis() as u64,
+    });
+    let pid = doomed.0.id();
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let mut script = Command::new("node")
+            .arg(dir.join("pusher.mjs"))
+            .arg("presence_node_killed")
+            .arg(config.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run node");
+        let mut lines = BufReader::new(script.stdout.take().unwrap()).lines();
+        let mut stdout = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            stdout.push_str(&line);
+            stdout.push('\n');
+            if line == "kill" {
+                let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+                assert!(killed.success());
+                writeln!(script.stdin.as_mut().unwrap(), "killed").unwrap();
+                break;
+            }
+        }
+        for line in lines {
+            stdout.push_str(&line.unwrap());
+            stdout.push('\n');
+        }
+        let mut stderr = String::new();
+        script.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        (script.wait().unwrap(), stdout, stderr)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "pusher.mjs failed:\n{stdout}\n{stderr}");
+    eprint!("{stdout}");
+    doomed.0.wait().unwrap();
+    survivor.stop().await;
+}
+
 // ---- The protocol in detail, with a plain WebSocket client ----
 
 async fn pusher_client(node: &TestNode, key: &str) -> Client {

@@ -122,6 +122,7 @@ impl MemoryInbox {
             persisted: true,
             unread: Some(unread),
             socket: None,
+            user_id: None,
             data,
         };
         // Delivered while the entry is held, so a user's notifications leave in id order.

@@ -9,13 +9,13 @@
 use redis::Value;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::{Appended, InboxError, InboxState, Limits, ReadScope, Stored};
 use crate::channel::ChannelNames;
 use crate::metrics as m;
 use crate::protocol::{NoteId, json};
-use crate::redis_link::{LinkError, RedisLink};
+use crate::redis_link::RedisLink;
 
 /// The Redis Functions library (`#!lua name=pushnode`).
 pub const LIBRARY: &str = include_str!("pushnode.lua");
@@ -36,38 +36,16 @@ impl RedisInbox {
     /// Loads the library every time the link's epoch advances (the first time included),
     /// until `stop`.
     pub(super) async fn run(self, stop: CancellationToken) {
-        let mut epoch = self.link.watch_epoch();
-        loop {
-            tokio::select! {
-                changed = epoch.changed() => if changed.is_err() { return },
-                () = stop.cancelled() => return,
-            }
-            match self.load().await {
-                Ok(()) => info!("inbox functions loaded"),
-                Err(e) => warn!(error = %e, "cannot load inbox functions; retrying on the next reconnect"),
-            }
-        }
-    }
-
-    async fn load(&self) -> Result<(), LinkError> {
-        self.link.query(redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(LIBRARY)).await.map(|_| ())
+        self.link.keep_library_loaded("pushnode", LIBRARY, stop).await;
     }
 
     fn key(&self, user: &str) -> String {
         format!("{}{{{user}}}", self.key_prefix)
     }
 
-    /// `FCALL function 1 key args...`, loading the library once if Redis does not know it.
+    /// `FCALL function 1 key args...` on the user's inbox.
     async fn call(&self, function: &str, user: &str, args: &[&str]) -> Result<Value, InboxError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(function).arg(1).arg(self.key(user)).arg(args);
-        match self.link.query(&cmd).await {
-            Err(LinkError::Command(e)) if e.contains("Function not found") || e.contains("function not found") => {
-                self.load().await?;
-                Ok(self.link.query(&cmd).await?)
-            }
-            result => Ok(result?),
-        }
+        Ok(self.link.fcall(LIBRARY, function, &self.key(user), args).await?)
     }
 
     pub(super) async fn append(

@@ -85,6 +85,9 @@ pub struct Envelope<'a> {
     /// client event, or the `socket_id` of a Pusher API publish (Echo's `toOthers()`).
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     pub socket: Option<Cow<'a, str>>,
+    /// The sender's user id of a client event on a Pusher presence channel (its JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub user_id: Option<&'a RawValue>,
     #[serde(borrow)]
     pub data: &'a RawValue,
 }
@@ -99,6 +102,7 @@ impl<'a> Envelope<'a> {
             persisted: false,
             unread: None,
             socket: None,
+            user_id: None,
             data,
         }
     }
@@ -328,11 +332,11 @@ impl Delivery {
         let channel = self.topic.as_deref()?;
         if starts_like_ours(&self.payload) {
             let env = serde_json::from_slice::<Envelope<'_>>(&self.payload).ok()?;
-            return Some(pusher::event_frame(env.event.as_deref()?, channel, env.data));
+            return Some(pusher::event_frame(env.event.as_deref()?, channel, env.data, env.user_id));
         }
         let laravel = serde_json::from_slice::<LaravelBroadcast<'_>>(&self.payload).ok()?;
         json::check(laravel.data.get()).ok()?;
-        Some(pusher::event_frame(&laravel.event, channel, laravel.data))
+        Some(pusher::event_frame(&laravel.event, channel, laravel.data, None))
     }
 
     /// The notification frame around a payload that is not ours.

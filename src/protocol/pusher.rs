@@ -176,22 +176,73 @@ struct Outgoing<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     channel: Option<&'a str>,
     data: &'a str,
+    /// The sender of a client event on a presence channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a RawValue>,
 }
 
 fn frame(event: &str, channel: Option<&str>, data: &str) -> String {
-    serde_json::to_string(&Outgoing { event, channel, data }).unwrap_or_default()
+    serde_json::to_string(&Outgoing { event, channel, data, user_id: None }).unwrap_or_default()
 }
 
 /// An event frame for a delivery: `data` is the published JSON; a string is passed as it is,
-/// anything else is written as a string holding it (what Pusher does).
-pub fn event_frame(event: &str, channel: &str, data: &RawValue) -> WireFrame {
+/// anything else is written as a string holding it (what Pusher does). `user_id` names the
+/// sender of a client event on a presence channel.
+pub fn event_frame(event: &str, channel: &str, data: &RawValue, user_id: Option<&RawValue>) -> WireFrame {
     let text = data.get();
-    let frame = match serde_json::from_str::<String>(text) {
-        Ok(string) => self::frame(event, Some(channel), &string),
-        Err(_) => self::frame(event, Some(channel), text),
+    let data = match serde_json::from_str::<String>(text) {
+        Ok(string) => std::borrow::Cow::Owned(string),
+        Err(_) => std::borrow::Cow::Borrowed(text),
     };
-    WireFrame::text(frame)
+    let frame = Outgoing { event, channel: Some(channel), data: &data, user_id };
+    WireFrame::text(serde_json::to_string(&frame).unwrap_or_default())
 }
+
+/// `pusher_internal:subscription_succeeded` for a presence channel: the members as pusher-js
+/// wants them, `{"presence":{"ids":[…],"hash":{id: info},"count":n}}`. Each member is its
+/// user id and user info as JSON texts; ids are keyed by their string form.
+pub fn presence_succeeded<'a>(channel: &str, members: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut ids = Vec::new();
+    let mut hash = serde_json::Map::new();
+    for (user_id, user_info) in members {
+        let id = match serde_json::from_str::<serde_json::Value>(user_id) {
+            Ok(serde_json::Value::String(s)) => s,
+            _ => user_id.to_owned(),
+        };
+        let info = serde_json::from_str(user_info).unwrap_or(serde_json::Value::Null);
+        ids.push(serde_json::Value::String(id.clone()));
+        hash.insert(id, info);
+    }
+    let count = ids.len();
+    let data = serde_json::json!({ "presence": { "ids": ids, "hash": hash, "count": count } }).to_string();
+    frame("pusher_internal:subscription_succeeded", Some(channel), &data)
+}
+
+/// A presence subscription's `channel_data`: `{"user_id": …, "user_info": …}`, the user id a
+/// string or a number. Returns the id and info as JSON texts (info `null` when absent).
+pub fn parse_channel_data(channel_data: &str) -> Result<(String, String), FrameError> {
+    #[derive(Deserialize)]
+    struct ChannelData<'a> {
+        #[serde(borrow)]
+        user_id: &'a RawValue,
+        #[serde(default, borrow)]
+        user_info: Option<&'a RawValue>,
+    }
+    let parsed: ChannelData<'_> =
+        serde_json::from_str(channel_data).map_err(|e| FrameError(format!("invalid channel_data: {e}")))?;
+    let user_id = match serde_json::from_str::<serde_json::Value>(parsed.user_id.get()) {
+        Ok(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_USER_ID_LEN => {
+            serde_json::to_string(&s).unwrap_or_default()
+        }
+        Ok(serde_json::Value::Number(n)) => n.to_string(),
+        _ => return Err(FrameError(format!("user_id must be a string of 1 to {MAX_USER_ID_LEN} bytes or a number"))),
+    };
+    let user_info = parsed.user_info.map_or_else(|| "null".to_owned(), |i| i.get().to_owned());
+    Ok((user_id, user_info))
+}
+
+/// Longest presence user id accepted (Pusher's limit).
+pub const MAX_USER_ID_LEN: usize = 128;
 
 /// `pusher:connection_established`: the socket id, and the seconds of silence after which the
 /// client should send `pusher:ping`.
@@ -311,13 +362,37 @@ mod tests {
         let object = RawValue::from_string(r#"{"a":1}"#.into()).unwrap();
         let string = RawValue::from_string(r#""already a string""#.into()).unwrap();
         assert_eq!(
-            event_frame("e", "c", &object),
+            event_frame("e", "c", &object, None),
             WireFrame::text(r#"{"event":"e","channel":"c","data":"{\"a\":1}"}"#.into())
         );
         assert_eq!(
-            event_frame("e", "c", &string),
+            event_frame("e", "c", &string, None),
             WireFrame::text(r#"{"event":"e","channel":"c","data":"already a string"}"#.into())
         );
+        let user = RawValue::from_string("7".into()).unwrap();
+        assert_eq!(
+            event_frame("client-x", "presence-c", &object, Some(&user)),
+            WireFrame::text(r#"{"event":"client-x","channel":"presence-c","data":"{\"a\":1}","user_id":7}"#.into())
+        );
+    }
+
+    #[test]
+    fn presence_members_and_channel_data() {
+        assert_eq!(
+            parse_channel_data(r#"{"user_id":7,"user_info":{"name":"A"}}"#),
+            Ok(("7".into(), r#"{"name":"A"}"#.into()))
+        );
+        assert_eq!(parse_channel_data(r#"{"user_id":"u-1"}"#), Ok((r#""u-1""#.into(), "null".into())));
+        assert!(parse_channel_data(r#"{"user_id":""}"#).is_err());
+        assert!(parse_channel_data(r#"{"user_id":{"a":1}}"#).is_err());
+        assert!(parse_channel_data("{}").is_err());
+        let members = [("7", r#"{"name":"A"}"#), (r#""u-1""#, "null")];
+        let frame: serde_json::Value =
+            serde_json::from_str(&presence_succeeded("presence-r", members.into_iter())).unwrap();
+        let data: serde_json::Value = serde_json::from_str(frame["data"].as_str().unwrap()).unwrap();
+        assert_eq!(data["presence"]["count"], 2);
+        assert_eq!(data["presence"]["ids"], serde_json::json!(["7", "u-1"]));
+        assert_eq!(data["presence"]["hash"]["7"]["name"], "A");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::metrics as m;
 use crate::settings::{self, PusherApp};
 
 /// The apps of a node, immutable after start.
@@ -36,6 +37,7 @@ pub struct AppSlot(Arc<App>);
 impl Drop for AppSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::PUSHER_CONNECTIONS, "app" => self.0.settings.id.clone()).decrement(1.0);
     }
 }
 
@@ -54,10 +56,9 @@ impl App {
             0 => usize::MAX,
             n => n,
         };
-        self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .ok()
-            .map(|_| AppSlot(self.clone()))
+        self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        metrics::gauge!(m::PUSHER_CONNECTIONS, "app" => self.settings.id.clone()).increment(1.0);
+        Some(AppSlot(self.clone()))
     }
 
     pub fn connections(&self) -> usize {

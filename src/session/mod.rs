@@ -62,6 +62,7 @@ use crate::hub::{Hub, LocalSession, Registration, TooManySessions};
 use crate::inbox::Inbox;
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing};
+use crate::presence::Presence;
 use crate::protocol::{ClientFrame, CloseReason, ErrorCode, Format, NoteId, ServerFrame, WireFrame, now_micros};
 use crate::pusher::{AppSlot, Apps};
 use crate::settings::Settings;
@@ -94,6 +95,7 @@ pub struct SessionContext {
     /// The Pusher front end's apps, and the broker its client events are published on.
     apps: Apps,
     broker: Broker,
+    presence: Presence,
     delivered: metrics::Counter,
     latency: metrics::Histogram,
 }
@@ -106,6 +108,7 @@ impl SessionContext {
         inbox: Option<Inbox>,
         apps: Apps,
         broker: Broker,
+        presence: Presence,
     ) -> Self {
         Self {
             node_id: hub.node_id().into(),
@@ -121,6 +124,7 @@ impl SessionContext {
             replay_limit: settings.inbox.replay_limit,
             apps,
             broker,
+            presence,
             delivered: metrics::counter!(m::MESSAGES_DELIVERED),
             latency: metrics::histogram!(m::DELIVERY_LATENCY),
         }

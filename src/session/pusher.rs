@@ -4,18 +4,23 @@
 //! A Pusher socket has no user: it joins channels by name, each a topic on the broker channel
 //! [`Apps::broker_channel`](crate::pusher::Apps::broker_channel) names. Private and encrypted
 //! channels need the app's signature over `socket_id:channel`; a refused subscription answers
-//! a channel-scoped `pusher:subscription_error` and the connection stays. Client events
+//! a channel-scoped `pusher:subscription_error` and the connection stays. Presence channels
+//! also take the signed `channel_data` and hold a [`Seat`] in [`crate::presence`] while
+//! subscribed; the seat goes with the subscription or the session. Client events
 //! (`client-*`) are published on the channel's broker channel with the sender's socket id, so
 //! the hub on every node skips the sender.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Session;
 use super::rate::TokenBucket;
 use crate::metrics as m;
+use crate::presence::{ChannelRef, PresenceError, Seat};
 use crate::protocol::pusher::{self, ChannelClass, ClientFrame};
 use crate::protocol::{CloseReason, Envelope, json};
 use crate::pusher::AppSlot;
@@ -24,17 +29,26 @@ use crate::pusher::AppSlot;
 /// a 4301 error.
 pub(super) const CLIENT_EVENTS_PER_SECOND: f64 = 10.0;
 
+/// Longest presence `user_info` accepted, in bytes (Pusher's limit).
+const MAX_USER_INFO_BYTES: usize = 1024;
+
 /// The Pusher part of a session (boxed in the session: native sessions do not pay for it).
 #[derive(Debug)]
 pub(super) struct PusherSession {
     pub(super) app: AppSlot,
-    pub(super) socket_id: String,
+    pub(super) socket_id: Arc<str>,
     client_events: TokenBucket,
+    /// Presence channels joined: the seat, and the user id (JSON) the socket joined as.
+    seats: Vec<(Seat, Arc<str>)>,
 }
 
 impl PusherSession {
     pub(super) fn new(app: AppSlot, socket_id: String) -> Self {
-        Self { app, socket_id, client_events: TokenBucket::new() }
+        Self { app, socket_id: socket_id.into(), client_events: TokenBucket::new(), seats: Vec::new() }
+    }
+
+    fn seat(&self, channel: &str) -> Option<&(Seat, Arc<str>)> {
+        self.seats.iter().find(|(seat, _)| &*seat.channel().name == channel)
     }
 }
 
@@ -66,6 +80,10 @@ where
             }
             ClientFrame::Unsubscribe { channel } => {
                 self.registration.leave_topic(&channel);
+                if let Some(pusher) = self.pusher.as_deref_mut() {
+                    // Dropping the seat lets go of the member (once its last socket here has).
+                    pusher.seats.retain(|(seat, _)| *seat.channel().name != *channel);
+                }
                 Ok(())
             }
             ClientFrame::ClientEvent { event, channel, data } => self.client_event(event, channel, data).await,
@@ -83,11 +101,22 @@ where
             return self.subscription_error(&channel, "InvalidChannel", "invalid channel name", 400).await;
         }
         let class = ChannelClass::of(&channel);
-        if class == ChannelClass::Presence {
-            return self
-                .subscription_error(&channel, "UnsupportedChannel", "presence channels are not supported yet", 501)
-                .await;
-        }
+        let member = if class == ChannelClass::Presence {
+            let parsed = match channel_data.as_deref() {
+                None => Err("presence channels need channel_data".to_owned()),
+                Some(data) => pusher::parse_channel_data(data).map_err(|e| e.to_string()),
+            };
+            match parsed {
+                Ok((_, info)) if info.len() > MAX_USER_INFO_BYTES => {
+                    let message = format!("user_info larger than {MAX_USER_INFO_BYTES} bytes");
+                    return self.subscription_error(&channel, "InvalidChannelData", &message, 400).await;
+                }
+                Ok(member) => Some(member),
+                Err(message) => return self.subscription_error(&channel, "InvalidChannelData", &message, 400).await,
+            }
+        } else {
+            None
+        };
         if class.needs_auth() {
             let app = &self.pusher().app.settings;
             let message = pusher::auth_message(&self.pusher().socket_id, &channel, channel_data.as_deref());
@@ -99,26 +128,70 @@ where
                     .await;
             }
         }
-        if !self.registration.has_topic(&channel) {
-            if self.registration.topic_count() >= self.ctx.max_topics {
-                return self
-                    .subscription_error(&channel, "LimitReached", "channel limit of this connection reached", 400)
-                    .await;
-            }
-            let broker_channel = self.ctx.apps.broker_channel(&self.pusher().app.settings.id, &channel);
-            self.registration.join_topic(broker_channel.clone(), channel.as_str().into());
-            self.ctx.hub.wait_live(&broker_channel, self.ctx.subscribe_wait).await;
+        let broker_channel = self.ctx.apps.broker_channel(&self.pusher().app.settings.id, &channel);
+        if self.registration.has_topic(&channel) {
+            // Subscribed already: confirm again (with the members, on a presence channel).
+            return self.confirm(&channel, class).await;
         }
-        self.write(Message::Text(pusher::subscription_succeeded(&channel).into())).await
+        if self.registration.topic_count() >= self.ctx.max_topics {
+            return self
+                .subscription_error(&channel, "LimitReached", "channel limit of this connection reached", 400)
+                .await;
+        }
+        self.registration.join_topic(broker_channel.clone(), channel.as_str().into());
+        self.ctx.hub.wait_live(&broker_channel, self.ctx.subscribe_wait).await;
+        let Some((user_id, user_info)) = member else {
+            return self.write(Message::Text(pusher::subscription_succeeded(&channel).into())).await;
+        };
+        let channel_ref = ChannelRef {
+            app_id: self.pusher().app.settings.id.as_str().into(),
+            name: channel.as_str().into(),
+            broker_channel,
+        };
+        let user_id: Arc<str> = user_id.into();
+        let socket = self.pusher().socket_id.clone();
+        match self.ctx.presence.join(channel_ref, user_id.clone(), user_info.into(), socket).await {
+            Ok((seat, members)) => {
+                if let Some(pusher) = self.pusher.as_deref_mut() {
+                    pusher.seats.push((seat, user_id));
+                }
+                let frame = pusher::presence_succeeded(&channel, members.iter().map(|m| (&*m.user_id, &*m.user_info)));
+                self.write(Message::Text(frame.into())).await
+            }
+            Err(e) => {
+                self.registration.leave_topic(&channel);
+                let (kind, status) = match e {
+                    PresenceError::Full(_) => ("LimitReached", 400),
+                    PresenceError::Unavailable(_) => ("PresenceUnavailable", 503),
+                };
+                self.subscription_error(&channel, kind, &e.to_string(), status).await
+            }
+        }
+    }
+
+    /// Confirms a subscription the socket already has.
+    async fn confirm(&mut self, channel: &str, class: ChannelClass) -> Result<(), CloseReason> {
+        let frame = match self.pusher().seat(channel) {
+            Some((seat, _)) if class == ChannelClass::Presence => {
+                let seat_channel = seat.channel().clone();
+                match self.ctx.presence.members(&seat_channel).await {
+                    Ok(members) => {
+                        pusher::presence_succeeded(channel, members.iter().map(|m| (&*m.user_id, &*m.user_info)))
+                    }
+                    Err(e) => pusher::subscription_error(channel, "PresenceUnavailable", &e.to_string(), 503),
+                }
+            }
+            _ => pusher::subscription_succeeded(channel),
+        };
+        self.write(Message::Text(frame.into())).await
     }
 
     async fn client_event(&mut self, event: String, channel: String, data: String) -> Result<(), CloseReason> {
         if !self.pusher().app.settings.enable_client_messages {
             return self.pusher_error(None, "client events are not enabled for this app").await;
         }
-        if !ChannelClass::of(&channel).needs_auth() || ChannelClass::of(&channel) == ChannelClass::Presence {
-            // Presence channels will take them once presence is supported.
-            return self.pusher_error(None, "client events go to private channels only").await;
+        if !ChannelClass::of(&channel).needs_auth() {
+            return self.pusher_error(None, "client events go to private and presence channels only").await;
         }
         if !self.registration.has_topic(&channel) {
             return self.pusher_error(None, &format!("not subscribed to {channel:?}")).await;
@@ -132,15 +205,18 @@ where
             metrics::counter!(m::CLIENT_ERRORS, "code" => "pusher_client_event_rate").increment(1);
             return self.pusher_error(Some(4301), "client event rejected: more than 10 per second").await;
         }
-        let Ok(data) = serde_json::value::RawValue::from_string(data) else {
+        let Ok(data) = RawValue::from_string(data) else {
             return self.pusher_error(None, "invalid data").await;
         };
         if let Err(e) = json::check(data.get()) {
             return self.pusher_error(None, &format!("invalid data: {e}")).await;
         }
         let id = self.ctx.hub.next_message_id();
+        // On a presence channel, the other members learn who sent it.
+        let user_id = self.pusher().seat(&channel).and_then(|(_, user)| RawValue::from_string(user.to_string()).ok());
         let mut envelope = Envelope::new(&id, Some(&event), &data);
-        envelope.socket = Some(self.pusher().socket_id.as_str().into());
+        envelope.socket = Some(self.pusher().socket_id.as_ref().into());
+        envelope.user_id = user_id.as_deref();
         let broker_channel = self.ctx.apps.broker_channel(&self.pusher().app.settings.id, &channel);
         if let Err(e) = self.ctx.broker.publish(&broker_channel, envelope.encode()).await {
             return self.pusher_error(None, &format!("client event not sent: {e}")).await;

@@ -31,8 +31,9 @@ function server(overrides = {}) {
 }
 
 /// A pusher-js client on node `i`, authorising channels with the server SDK (as an app's
-/// /broadcasting/auth endpoint would).
-function client(i, { key = config.key, authServer = server() } = {}) {
+/// /broadcasting/auth endpoint would); `user` is the presence identity it signs
+/// (`{user_id, user_info}`).
+function client(i, { key = config.key, authServer = server(), user } = {}) {
   const [host, port] = config.nodes[i].split(':');
   return new Pusher(key, {
     wsHost: host,
@@ -43,7 +44,8 @@ function client(i, { key = config.key, authServer = server() } = {}) {
     disableStats: true,
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) => {
-        callback(null, authServer.authorizeChannel(socketId, channelName));
+        const presence = channelName.startsWith('presence-') ? user : undefined;
+        callback(null, authServer.authorizeChannel(socketId, channelName, presence));
       },
     },
   });
@@ -84,6 +86,22 @@ function next(channel, event) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/// Waits until `check()` holds (polling every 20 ms).
+function until(what, check, ms = WAIT_MS) {
+  return within(what, (async () => {
+    while (!check()) await sleep(20);
+  })(), ms);
+}
+
+const ann = { user_id: 1, user_info: { name: 'Ann' } };
+const bob = { user_id: 2, user_info: { name: 'Bob' } };
+const carl = { user_id: 'carl', user_info: { name: 'Carl' } };
+
+/// Reads one line from standard input (the Rust side's go-ahead).
+function line() {
+  return new Promise((resolve) => process.stdin.once('data', (d) => resolve(d.toString().trim())));
+}
 
 const scenarios = {
   // Two sockets on two nodes; the server SDK publishes through the first node's API.
@@ -270,6 +288,108 @@ const scenarios = {
     assert.equal(leaked, null);
     a.disconnect();
   },
+};
+
+// Presence across two nodes: one member per user, not per tab or node; joins and leaves
+// announced once; client events carry the sender's user id.
+scenarios.presence_across_nodes = async () => {
+  const [ann1, bobby] = [client(0, { user: ann }), client(1, { user: bob })];
+  await Promise.all([connected(ann1), connected(bobby)]);
+  const bobRoom = await subscribed(bobby, 'presence-room');
+  assert.equal(bobRoom.members.count, 1);
+  assert.equal(bobRoom.members.me.info.name, 'Bob');
+  const added = next(bobRoom, 'pusher:member_added');
+  const annRoom = await subscribed(ann1, 'presence-room');
+  assert.equal(annRoom.members.count, 2, 'Ann sees herself and Bob');
+  assert.equal(annRoom.members.get(2).info.name, 'Bob');
+  const member = await added;
+  assert.equal(String(member.id), '1');
+  assert.equal(member.info.name, 'Ann');
+
+  // Ann's second tab, on the other node: no new member, nobody is told.
+  const events = [];
+  bobRoom.bind('pusher:member_added', (m) => events.push(['added', String(m.id)]));
+  bobRoom.bind('pusher:member_removed', (m) => events.push(['removed', String(m.id)]));
+  const ann2 = client(1, { user: ann });
+  await connected(ann2);
+  const ann2Room = await subscribed(ann2, 'presence-room');
+  assert.equal(ann2Room.members.count, 2);
+
+  // A whisper on a presence channel names its sender.
+  const whisper = within('whisper', new Promise((resolve) => {
+    bobRoom.bind('client-typing', (data, metadata) => resolve(metadata));
+  }));
+  ann2Room.trigger('client-typing', { typing: true });
+  assert.equal(String((await whisper).user_id), '1');
+
+  // Ann's first tab closes: she is still there (the other tab).
+  ann1.disconnect();
+  await sleep(1000); // a quiet window: a wrong announcement would come within milliseconds
+  assert.deepEqual(events, []);
+  assert.equal(bobRoom.members.count, 2);
+
+  // Her last tab closes: she leaves, announced once.
+  ann2.disconnect();
+  await until('member_removed', () => events.length > 0);
+  await sleep(500);
+  assert.deepEqual(events, [['removed', '1']]);
+  assert.equal(bobRoom.members.count, 1);
+  bobby.disconnect();
+};
+
+// A node killed with SIGKILL: its members are announced gone by the surviving node within
+// the presence TTL plus a third of it. The Rust side kills the node on "kill".
+scenarios.presence_node_killed = async () => {
+  const survivor = client(0, { user: bob });
+  const doomed = client(1, { user: carl });
+  await Promise.all([connected(survivor), connected(doomed)]);
+  const room = await subscribed(survivor, 'presence-room');
+  const joined = next(room, 'pusher:member_added');
+  await subscribed(doomed, 'presence-room');
+  assert.equal((await joined).id, 'carl');
+  const removed = within('carl removed', new Promise((resolve) => room.bind('pusher:member_removed', resolve)));
+  console.log('kill');
+  assert.equal(await line(), 'killed');
+  const start = Date.now();
+  assert.equal((await removed).id, 'carl');
+  const elapsed = Date.now() - start;
+  console.log(`removed after ${elapsed} ms`);
+  assert.ok(elapsed <= config.killBoundMs, `removed after ${elapsed} ms, bound ${config.killBoundMs} ms`);
+  assert.equal(room.members.count, 1);
+  survivor.disconnect();
+  doomed.disconnect();
+};
+
+// Laravel Echo's presence API: here(), joining(), leaving().
+scenarios.echo_presence = async () => {
+  const echoOn = (i, user) => {
+    const [host, port] = config.nodes[i].split(':');
+    const sdk = server();
+    return new Echo({
+      broadcaster: 'pusher', key: config.key, wsHost: host, wsPort: Number(port), forceTLS: false,
+      enabledTransports: ['ws'], cluster: 'local', disableStats: true, Pusher,
+      authorizer: (channel) => ({
+        authorize: (socketId, callback) => callback(null, sdk.authorizeChannel(socketId, channel.name, user)),
+      }),
+    });
+  };
+  const a = echoOn(0, ann);
+  const joining = [];
+  const leaving = [];
+  const here = await within('here()', new Promise((resolve) => {
+    a.join('chat').here(resolve).joining((u) => joining.push(u)).leaving((u) => leaving.push(u));
+  }));
+  assert.deepEqual(here, [{ name: 'Ann' }]);
+  const b = echoOn(1, bob);
+  const hereB = await within('here() on b', new Promise((resolve) => b.join('chat').here(resolve)));
+  assert.deepEqual(hereB.map((u) => u.name).sort(), ['Ann', 'Bob']);
+  await until('joining()', () => joining.length === 1);
+  assert.deepEqual(joining, [{ name: 'Bob' }]);
+  b.leave('chat');
+  await until('leaving()', () => leaving.length === 1);
+  assert.deepEqual(leaving, [{ name: 'Bob' }]);
+  a.disconnect();
+  b.disconnect();
 };
 
 const run = scenarios[scenario];

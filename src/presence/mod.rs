@@ -1,0 +1,459 @@
+//! `Presence`: who is in each Pusher presence channel, across every node.
+//!
+//! A node keeps its own truth in memory: per presence channel, its users and how many of its
+//! sockets each has there. A user's first socket on the node makes the node hold the user
+//! (in Redis, per channel and node); its last one makes it let go. A user is a member while
+//! any node holds it, so `member_added` and `member_removed` fire once per user, not per tab
+//! or node, and every node reads the same member list. Nodes refresh their hold every third of
+//! `pusher.presence_ttl`; a node that dies without letting go (SIGKILL) is removed by the next
+//! node to touch the channel after its deadline, which announces its users gone. The Redis
+//! side is `presence.lua`; with the in-process broker, this node's truth is the whole truth.
+//!
+//! Changes reach Redis through one worker task, in order, as "look at this user now": the
+//! worker applies the node's current truth, so a join and a leave racing each other cannot
+//! leave Redis wrong, and a change that failed (Redis down) is repaired by the next sync of
+//! the channel, which writes the node's whole truth. Member events are published on the
+//! channel's broker channel like any event; the socket that joined does not get its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::Value;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::broker::Broker;
+use crate::metrics as m;
+use crate::protocol::Envelope;
+use crate::redis_link::{LinkError, RedisLink};
+
+/// The Redis Functions library (`#!lua name=pushnode_presence`).
+pub const LIBRARY: &str = include_str!("presence.lua");
+
+/// Changes waiting for the worker. A join waits for room (its subscriber is waiting anyway);
+/// a leave that finds the queue full hands its change to a task that waits, since a change
+/// only says which user to look at and its order does not matter.
+const QUEUE: usize = 4096;
+
+/// One presence channel of an app.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChannelRef {
+    pub app_id: Arc<str>,
+    pub name: Arc<str>,
+    /// Where its events travel.
+    pub broker_channel: Arc<str>,
+}
+
+/// A member: the user id and user info as the JSON texts the application signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user_id: String,
+    pub user_info: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    #[error("presence store unavailable: {0}")]
+    Unavailable(String),
+    #[error("presence channel is full ({0} members)")]
+    Full(usize),
+}
+
+impl From<LinkError> for PresenceError {
+    fn from(e: LinkError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Presence {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node: Arc<str>,
+    /// `None`: the in-process broker; this node is the cluster.
+    link: Option<RedisLink>,
+    broker: Broker,
+    ttl: Duration,
+    max_members: usize,
+    /// This node's truth: per broker channel, its users.
+    channels: DashMap<Arc<str>, LocalChannel>,
+    /// The in-process store (no Redis): per broker channel, the members and their info.
+    held: parking_lot::Mutex<HashMap<Arc<str>, HashMap<String, String>>>,
+    queue: mpsc::Sender<Change>,
+    /// The worker's end, taken by [`Presence::run`].
+    receiver: parking_lot::Mutex<Option<mpsc::Receiver<Change>>>,
+}
+
+#[derive(Debug)]
+struct LocalChannel {
+    channel: ChannelRef,
+    /// user id -> (sockets here, user info)
+    users: HashMap<Arc<str>, (usize, Arc<str>)>,
+}
+
+/// "Look at `user` in `channel` now", with who to answer and whom not to tell.
+#[derive(Debug)]
+struct Change {
+    channel: ChannelRef,
+    user: Arc<str>,
+    /// The joining socket: it gets the member list, not its own `member_added`.
+    socket: Option<Arc<str>>,
+    reply: Option<oneshot::Sender<Result<Vec<Member>, PresenceError>>>,
+}
+
+/// One socket's place in a presence channel; dropping it (unsubscribe, disconnect, a panicking
+/// session) lets go of the user once its last socket on this node has.
+#[derive(Debug)]
+pub struct Seat {
+    presence: Presence,
+    channel: ChannelRef,
+    user: Arc<str>,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if self.presence.release(&self.channel, &self.user) {
+            self.presence.notify(Change {
+                channel: self.channel.clone(),
+                user: self.user.clone(),
+                socket: None,
+                reply: None,
+            });
+        }
+    }
+}
+
+impl Seat {
+    pub fn channel(&self) -> &ChannelRef {
+        &self.channel
+    }
+}
+
+impl Presence {
+    pub fn new(node: Arc<str>, link: Option<RedisLink>, broker: Broker, ttl: Duration, max_members: usize) -> Self {
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        Self {
+            inner: Arc::new(Inner {
+                node,
+                link,
+                broker,
+                ttl,
+                max_members,
+                channels: DashMap::new(),
+                held: parking_lot::Mutex::new(HashMap::new()),
+                queue,
+                receiver: parking_lot::Mutex::new(Some(receiver)),
+            }),
+        }
+    }
+
+    /// Adds a socket of `user` (whose info is `user_info`) to `channel` and returns its seat
+    /// and the channel's members, itself included. `socket` is the socket's id, so it does not
+    /// get its own `member_added`.
+    pub async fn join(
+        &self,
+        channel: ChannelRef,
+        user: Arc<str>,
+        user_info: Arc<str>,
+        socket: Arc<str>,
+    ) -> Result<(Seat, Vec<Member>), PresenceError> {
+        {
+            let mut local = self
+                .inner
+                .channels
+                .entry(channel.broker_channel.clone())
+                .or_insert_with(|| LocalChannel { channel: channel.clone(), users: HashMap::new() });
+            let entry = local.users.entry(user.clone()).or_insert((0, user_info));
+            entry.0 += 1;
+        }
+        let seat = Seat { presence: self.clone(), channel: channel.clone(), user: user.clone() };
+        let (reply, answer) = oneshot::channel();
+        let change = Change { channel, user, socket: Some(socket), reply: Some(reply) };
+        if self.inner.queue.send(change).await.is_err() {
+            return Err(PresenceError::Unavailable("node is stopping".into()));
+        }
+        match answer.await {
+            Ok(Ok(members)) => Ok((seat, members)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PresenceError::Unavailable("node is stopping".into())),
+        }
+    }
+
+    /// The channel's members, from every node.
+    pub async fn members(&self, channel: &ChannelRef) -> Result<Vec<Member>, PresenceError> {
+        match &self.inner.link {
+            None => Ok(self.inner.held.lock().get(&channel.broker_channel).map_or_else(Vec::new, |members| {
+                members.iter().map(|(u, i)| Member { user_id: u.clone(), user_info: i.clone() }).collect()
+            })),
+            Some(link) => {
+                let value = link.fcall(LIBRARY, "pushnode_presence_members", &self.key(channel), &[]).await?;
+                let [members, gone] = parts(value);
+                self.announce_gone(channel, &strings(gone)).await;
+                Ok(pairs(members))
+            }
+        }
+    }
+
+    /// One socket fewer for `user` here; true when it was the user's last.
+    fn release(&self, channel: &ChannelRef, user: &str) -> bool {
+        let Some(mut local) = self.inner.channels.get_mut(&channel.broker_channel) else { return false };
+        let last = match local.users.get_mut(user) {
+            Some((count, _)) => {
+                *count -= 1;
+                *count == 0
+            }
+            None => false,
+        };
+        if last {
+            local.users.remove(user);
+        }
+        last
+    }
+
+    fn notify(&self, change: Change) {
+        match self.inner.queue.try_send(change) {
+            Ok(()) => {}
+            // Full: hand it to a task that waits (a change's order does not matter, see above).
+            Err(mpsc::error::TrySendError::Full(change)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let queue = self.inner.queue.clone();
+                    runtime.spawn(async move { queue.send(change).await });
+                }
+            }
+            // The worker stopped with the node; its Redis hold expires with its deadline.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn key(&self, channel: &ChannelRef) -> String {
+        format!("pushnode:presence:{{{}:{}}}", channel.app_id, channel.name)
+    }
+
+    /// This node's users in `channel` now, with their info.
+    fn truth(&self, channel: &ChannelRef, user: &str) -> Option<Arc<str>> {
+        self.inner
+            .channels
+            .get(&channel.broker_channel)
+            .and_then(|local| local.users.get(user).map(|(_, info)| info.clone()))
+    }
+
+    /// The worker: applies changes in order, and syncs every channel this node holds every
+    /// third of the TTL, until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let Some(mut receiver) = self.inner.receiver.lock().take() else { return };
+        let mut tick = tokio::time::interval(self.inner.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                change = receiver.recv() => match change {
+                    Some(change) => self.apply(change).await,
+                    None => return,
+                },
+                _ = tick.tick() => self.sync_all().await,
+                () = stop.cancelled() => {
+                    self.leave_all().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, change: Change) {
+        let Change { channel, user, socket, reply } = change;
+        let result = self.apply_truth(&channel, &user, socket.as_deref()).await;
+        let result = match result {
+            Ok(()) if reply.is_some() => self.members(&channel).await,
+            Ok(()) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            debug!(error = %e, channel = %channel.name, "presence change not applied; the next sync repairs it");
+            metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Makes Redis agree with this node about `user` in `channel`, announcing a change.
+    async fn apply_truth(&self, channel: &ChannelRef, user: &str, socket: Option<&str>) -> Result<(), PresenceError> {
+        let info = self.truth(channel, user);
+        let Some(link) = &self.inner.link else {
+            // In process: `held` is the store, this node the only one.
+            let event = {
+                let mut held = self.inner.held.lock();
+                let members = held.entry(channel.broker_channel.clone()).or_default();
+                let event = match info {
+                    Some(info) if !members.contains_key(user) => {
+                        if members.len() >= self.inner.max_members {
+                            return Err(PresenceError::Full(self.inner.max_members));
+                        }
+                        members.insert(user.to_owned(), info.to_string());
+                        Some(("pusher_internal:member_added", format!(r#"{{"user_id":{user},"user_info":{info}}}"#)))
+                    }
+                    None if members.remove(user).is_some() => {
+                        Some(("pusher_internal:member_removed", removed_data(user)))
+                    }
+                    _ => None,
+                };
+                if members.is_empty() {
+                    held.remove(&channel.broker_channel);
+                }
+                event
+            };
+            if let Some((event, data)) = event {
+                let except = if event.ends_with("added") { socket } else { None };
+                self.announce(channel, event, &data, except).await;
+            }
+            return Ok(());
+        };
+        let key = self.key(channel);
+        let node = &*self.inner.node;
+        match info {
+            Some(info) => {
+                let ttl = self.inner.ttl.as_millis().to_string();
+                let max = self.inner.max_members.to_string();
+                let value =
+                    link.fcall(LIBRARY, "pushnode_presence_join", &key, &[node, user, &info, &ttl, &max]).await?;
+                let [status, gone] = parts(value);
+                self.announce_gone(channel, &strings(gone)).await;
+                match int(&status) {
+                    1 => self.announce_added(channel, user, &info, socket).await,
+                    -1 => {
+                        // Not let in: this socket's seat is released by its session.
+                        return Err(PresenceError::Full(self.inner.max_members));
+                    }
+                    _ => {}
+                }
+            }
+            None => {
+                let value = link.fcall(LIBRARY, "pushnode_presence_leave", &key, &[node, user]).await?;
+                let [status, gone] = parts(value);
+                self.announce_gone(channel, &strings(gone)).await;
+                if int(&status) == 1 {
+                    self.announce(channel, "pusher_internal:member_removed", &removed_data(user), None).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes this node's whole truth for every channel it holds (and drops channels it no
+    /// longer holds once Redis knows), announcing what that changed.
+    async fn sync_all(&self) {
+        let Some(link) = &self.inner.link else {
+            self.inner.channels.retain(|_, local| !local.users.is_empty());
+            return;
+        };
+        // Redis's view is repaired below; a channel this node let go of everywhere is
+        // forgotten once Redis knows.
+        let channels: Vec<(ChannelRef, Vec<Held>)> = self
+            .inner
+            .channels
+            .iter()
+            .map(|e| (e.channel.clone(), e.users.iter().map(|(u, (_, i))| (u.clone(), i.clone())).collect()))
+            .collect();
+        let ttl = self.inner.ttl.as_millis().to_string();
+        for (channel, users) in channels {
+            let mut args: Vec<&str> = vec![&self.inner.node, &ttl];
+            for (user, info) in &users {
+                args.push(user);
+                args.push(info);
+            }
+            match link.fcall(LIBRARY, "pushnode_presence_sync", &self.key(&channel), &args).await {
+                Ok(value) => {
+                    let [added, removed, gone] = parts(value);
+                    for member in pairs(added) {
+                        self.announce_added(&channel, &member.user_id, &member.user_info, None).await;
+                    }
+                    let mut gone = strings(gone);
+                    gone.extend(strings(removed));
+                    self.announce_gone(&channel, &gone).await;
+                    if users.is_empty() {
+                        self.inner.channels.remove_if(&channel.broker_channel, |_, local| local.users.is_empty());
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+                    debug!(error = %e, channel = %channel.name, "presence sync failed; retrying next time");
+                }
+            }
+        }
+    }
+
+    /// On shutdown: let go of every user at once, so they leave now rather than at the TTL.
+    async fn leave_all(&self) {
+        for mut local in self.inner.channels.iter_mut() {
+            local.users.clear();
+        }
+        self.sync_all().await;
+    }
+
+    async fn announce_added(&self, channel: &ChannelRef, user: &str, info: &str, socket: Option<&str>) {
+        let data = format!(r#"{{"user_id":{user},"user_info":{info}}}"#);
+        self.announce(channel, "pusher_internal:member_added", &data, socket).await;
+    }
+
+    async fn announce_gone(&self, channel: &ChannelRef, users: &[String]) {
+        for user in users {
+            self.announce(channel, "pusher_internal:member_removed", &removed_data(user), None).await;
+        }
+    }
+
+    /// Publishes a member event to every node's sockets in `channel` (but `except`).
+    async fn announce(&self, channel: &ChannelRef, event: &str, data: &str, except: Option<&str>) {
+        let Ok(data) = RawValue::from_string(data.to_owned()) else {
+            warn!(channel = %channel.name, "member event with invalid JSON not sent");
+            return;
+        };
+        let id = format!("{}-presence", self.inner.node);
+        let mut envelope = Envelope::new(&id, Some(event), &data);
+        envelope.socket = except.map(Into::into);
+        if let Err(e) = self.inner.broker.publish(&channel.broker_channel, envelope.encode()).await {
+            metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+            debug!(error = %e, channel = %channel.name, "member event not published");
+        }
+    }
+}
+
+/// A user this node holds in a channel, with its info.
+type Held = (Arc<str>, Arc<str>);
+
+fn removed_data(user: &str) -> String {
+    format!(r#"{{"user_id":{user}}}"#)
+}
+
+/// The parts of a function's array reply (missing parts are empty).
+fn parts<const N: usize>(value: Value) -> [Value; N] {
+    let mut items = match value {
+        Value::Array(items) => items.into_iter(),
+        _ => Vec::new().into_iter(),
+    };
+    std::array::from_fn(|_| items.next().unwrap_or(Value::Nil))
+}
+
+fn strings(value: Value) -> Vec<String> {
+    match value {
+        Value::Array(items) => items.into_iter().filter_map(|v| redis::from_redis_value::<String>(v).ok()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn pairs(value: Value) -> Vec<Member> {
+    let flat = strings(value);
+    flat.chunks_exact(2).map(|p| Member { user_id: p[0].clone(), user_info: p[1].clone() }).collect()
+}
+
+fn int(value: &Value) -> i64 {
+    match value {
+        Value::Int(n) => *n,
+        _ => 0,
+    }
+}
