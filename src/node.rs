@@ -13,7 +13,9 @@ use crate::broker::Broker;
 use crate::channel::ChannelNames;
 use crate::hub::Hub;
 use crate::inbox::Inbox;
+use crate::presence::Presence;
 use crate::pusher::Apps;
+use crate::pusher::counts::ChannelCounts;
 use crate::session::SessionContext;
 use crate::settings::Settings;
 
@@ -31,6 +33,8 @@ struct Inner {
     auth: Authenticator,
     names: ChannelNames,
     apps: Apps,
+    presence: Presence,
+    counts: ChannelCounts,
     session_context: Arc<SessionContext>,
     metrics: PrometheusHandle,
     tracker: TaskTracker,
@@ -86,6 +90,8 @@ pub struct Parts {
     pub auth: Authenticator,
     pub names: ChannelNames,
     pub apps: Apps,
+    pub presence: Presence,
+    pub counts: ChannelCounts,
     pub session_context: Arc<SessionContext>,
     pub metrics: PrometheusHandle,
     pub tracker: TaskTracker,
@@ -95,8 +101,21 @@ pub struct Parts {
 
 impl Node {
     pub fn new(parts: Parts) -> Self {
-        let Parts { settings, hub, broker, inbox, auth, names, apps, session_context, metrics, tracker, max_sessions } =
-            parts;
+        let Parts {
+            settings,
+            hub,
+            broker,
+            inbox,
+            auth,
+            names,
+            apps,
+            presence,
+            counts,
+            session_context,
+            metrics,
+            tracker,
+            max_sessions,
+        } = parts;
         Self {
             inner: Arc::new(Inner {
                 settings,
@@ -106,6 +125,8 @@ impl Node {
                 auth,
                 names,
                 apps,
+                presence,
+                counts,
                 session_context,
                 metrics,
                 tracker,
@@ -139,6 +160,16 @@ impl Node {
     /// The Pusher apps (none when the Pusher front end is off).
     pub fn apps(&self) -> &Apps {
         &self.inner.apps
+    }
+
+    /// Presence members of Pusher presence channels, cluster-wide.
+    pub fn presence(&self) -> &Presence {
+        &self.inner.presence
+    }
+
+    /// Subscription counts of Pusher channels, cluster-wide.
+    pub fn counts(&self) -> &ChannelCounts {
+        &self.inner.counts
     }
 
     pub fn session_context(&self) -> &Arc<SessionContext> {

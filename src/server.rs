@@ -31,6 +31,7 @@ use crate::node::{Node, Parts};
 use crate::presence::{self, Presence};
 use crate::protocol::CloseReason;
 use crate::pusher::Apps;
+use crate::pusher::counts::ChannelCounts;
 use crate::redis_link::RedisLink;
 use crate::session::SessionContext;
 use crate::settings::Settings;
@@ -107,6 +108,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
     if settings.demo.enabled {
         warn!("demo.enabled is on: /demo/token mints tokens for any user (loopback only)");
     }
+    let apps = Apps::new(&settings.pusher, cluster);
     let presence = Presence::new(
         node_id.clone(),
         link.clone(),
@@ -114,15 +116,16 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         settings.pusher.presence_ttl,
         settings.pusher.max_presence_members,
     );
+    let counts = ChannelCounts::new(hub.clone(), apps.clone(), node_id.clone(), link.clone());
     if !settings.pusher.apps.is_empty() {
         tracker.spawn(presence.clone().run(stop.clone()));
+        tracker.spawn(counts.clone().run(stop.clone()));
         if let Some(link) = &link {
             tracker.spawn(link.clone().keep_library_loaded("pushnode_presence", presence::LIBRARY, stop.clone()));
         }
     }
     let inbox = Inbox::new(&settings.inbox, link, hub.clone(), names.clone());
     tracker.spawn(inbox.clone().run(stop.clone()));
-    let apps = Apps::new(&settings.pusher, cluster);
     let session_context = Arc::new(SessionContext::new(
         &settings,
         hub.clone(),
@@ -130,7 +133,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         Some(inbox.clone()),
         apps.clone(),
         broker.clone(),
-        presence,
+        presence.clone(),
     ));
     tracker.spawn(heartbeat::sweep(
         hub.clone(),
@@ -146,6 +149,8 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         auth,
         names,
         apps,
+        presence,
+        counts,
         session_context,
         metrics,
         tracker: tracker.clone(),

@@ -167,6 +167,31 @@ async fn laravel_echo_presence_here_joining_and_leaving_across_nodes() {
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_user_reaches_every_signed_in_socket_of_the_user_and_terminate_closes_them() {
+    let redis = RedisServer::start();
+    let (a, b) = pair(&redis).await;
+    scenario("send_to_user", &[&a, &b]).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_queries_count_subscriptions_and_members_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = pair(&redis).await;
+    scenario("channel_queries", &[&a, &b]).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_queries_on_a_single_node_without_redis() {
+    let node = TestNode::with(with_app).await;
+    scenario("channel_queries", &[&node, &node]).await;
+    node.stop().await;
+}
+
 /// A `pushnode serve` child, killed when dropped (a failing test must not leave it running).
 struct Child(std::process::Child);
 
@@ -371,6 +396,32 @@ async fn malformed_frames_and_bad_subscriptions_get_errors_and_the_socket_stays(
 }
 
 #[tokio::test]
+async fn a_forged_signin_closes_with_4009_and_a_user_channel_needs_that_user() {
+    let node = TestNode::with(with_app).await;
+    let (mut client, socket_id) = established(&node).await;
+    // Without signing in, nobody may subscribe a user's channel.
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "#server-to-user-7"}})).await;
+    assert_eq!(event(&mut client, "pusher:subscription_error").await["data"]["status"], 401);
+    // Signed in as 7: its channel, not another's.
+    let user_data = json!({"id": "7"}).to_string();
+    let auth = format!("{KEY}:{}", sign(APP_SECRET, &format!("{socket_id}::user::{user_data}")));
+    client.send_json(json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}})).await;
+    let success = event(&mut client, "pusher:signin_success").await;
+    assert_eq!(success["data"]["user_data"], user_data);
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "#server-to-user-7"}})).await;
+    assert_eq!(event(&mut client, "pusher_internal:subscription_succeeded").await["channel"], "#server-to-user-7");
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "#server-to-user-8"}})).await;
+    assert_eq!(event(&mut client, "pusher:subscription_error").await["data"]["status"], 401);
+
+    let (mut forger, forger_id) = established(&node).await;
+    let stolen = format!("{KEY}:{}", sign("not-the-secret", &format!("{forger_id}::user::{user_data}")));
+    forger.send_json(json!({"event": "pusher:signin", "data": {"auth": stolen, "user_data": user_data}})).await;
+    assert_eq!(event(&mut forger, "pusher:error").await["data"]["code"], 4009);
+    assert_eq!(forger.close_code().await, 4009);
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn an_unknown_key_is_closed_with_4001_after_a_pusher_error() {
     let node = TestNode::with(with_app).await;
     let mut client = pusher_client(&node, "nope").await;
@@ -503,6 +554,7 @@ async fn the_api_refuses_stale_forged_and_malformed_requests_and_publishes_nothi
         json!({"name": "", "channel": "news", "data": "{}"}),
         json!({"name": "e", "channel": "bad{name}", "data": "{}"}),
         json!({"name": "e", "channel": "news", "data": "{}", "socket_id": "abc"}),
+        json!({"name": "pusher_internal:member_added", "channel": "presence-x", "data": "{}"}),
     ] {
         let bad = bad.to_string();
         let (status, error) = post(&node, &signed_path(&path, &bad, now(), APP_SECRET), &bad).await;

@@ -217,6 +217,17 @@ impl Hub {
         self.inner.channels.len()
     }
 
+    /// The topic name and local session count of every channel whose broker channel starts
+    /// with `prefix` (a Pusher app's channels).
+    pub fn topic_sizes(&self, prefix: &str) -> Vec<(Arc<str>, usize)> {
+        self.inner
+            .channels
+            .iter()
+            .filter(|e| e.key().starts_with(prefix))
+            .filter_map(|e| e.topic.clone().map(|topic| (topic, e.members.len())))
+            .collect()
+    }
+
     /// Adds `session` to `channel`; the first local session makes it an interest change.
     fn join(&self, channel: &Arc<str>, topic: Option<&Arc<str>>, session: &Arc<LocalSession>) {
         let first = {
@@ -255,6 +266,13 @@ impl Hub {
             return Fanout::default();
         };
         let delivery = Delivery::decode(payload, entry.topic.as_ref());
+        if delivery.terminate {
+            // The application ended these connections (a signed-in Pusher user's).
+            for session in entry.members.iter() {
+                session.outbox.close(CloseReason::Unauthorized);
+            }
+            return Fanout::default();
+        }
         if delivery.is_invalid() {
             // A pushnode envelope whose data no client could parse: JSON sessions skip it.
             self.inner.dropped_invalid.increment(1);

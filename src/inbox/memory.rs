@@ -123,6 +123,7 @@ impl MemoryInbox {
             unread: Some(unread),
             socket: None,
             user_id: None,
+            terminate: false,
             data,
         };
         // Delivered while the entry is held, so a user's notifications leave in id order.

@@ -1,10 +1,11 @@
 #!lua name=pushnode_presence
 --
--- Cluster-wide presence for Pusher presence channels, as a Redis Functions library. The node
--- loads it with the inbox library; nothing else needs to call it.
+-- Cluster-wide state of the Pusher front end, as a Redis Functions library: presence members,
+-- and subscription counts (at the end). The node loads it at start and after reconnects;
+-- nothing else needs to call it.
 --
--- KEYS[1] is a channel's prefix, `pushnode:presence:{<app>:<channel>}`; every key of the
--- channel shares its hash tag, so in a Redis Cluster one channel lives in one slot:
+-- Presence: KEYS[1] is a channel's prefix, `pushnode:presence:{<app>:<channel>}`; every key
+-- of the channel shares its hash tag, so in a Redis Cluster one channel lives in one slot:
 --
 --   <prefix>:nodes         sorted set: node id -> the time (ms) until which the node is alive
 --   <prefix>:node:<node>   hash: user id (its JSON text) -> user info (JSON text), the users
@@ -181,3 +182,63 @@ redis.register_function('pushnode_presence_join', join)
 redis.register_function('pushnode_presence_leave', leave)
 redis.register_function('pushnode_presence_sync', sync)
 redis.register_function('pushnode_presence_members', members)
+
+-- ---- Subscription counts per Pusher channel, for the HTTP API's channel queries ----
+--
+-- KEYS[1] is an app's prefix, `pushnode:counts:{<app>}`:
+--   <prefix>:nodes         sorted set: node id -> the time (ms) until which its counts hold
+--   <prefix>:node:<node>   hash: channel -> sockets subscribed on that node
+-- Each node rewrites its hash when its counts change and refreshes its deadline every second;
+-- a dead node's counts stop counting at its deadline.
+
+-- FCALL pushnode_counts_put 1 <prefix> <node> <ttl ms> <replace 0|1> [<channel> <count>]...
+local function counts_put(keys, args)
+  local prefix, node, ttl, replace = keys[1], args[1], tonumber(args[2]), args[3] == '1'
+  local now = now_ms()
+  local key = node_key(prefix, node)
+  if replace then
+    redis.call('DEL', key)
+    for i = 4, #args, 2 do
+      redis.call('HSET', key, args[i], args[i + 1])
+    end
+  end
+  redis.call('ZADD', prefix .. ':nodes', now + ttl, node)
+  redis.call('ZREMRANGEBYSCORE', prefix .. ':nodes', '-inf', '(' .. now)
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', prefix .. ':nodes', ttl * 4)
+  return 1
+end
+
+-- FCALL pushnode_counts_get 1 <prefix> [<channel>]
+-- Returns the sum over live nodes: for one channel its count, else {channel, count, ...}.
+local function counts_get(keys, args)
+  local prefix, channel = keys[1], args[1]
+  local now = now_ms()
+  if channel then
+    local total = 0
+    for _, node in ipairs(live_nodes(prefix, now)) do
+      total = total + (tonumber(redis.call('HGET', node_key(prefix, node), channel)) or 0)
+    end
+    return total
+  end
+  local totals, order = {}, {}
+  for _, node in ipairs(live_nodes(prefix, now)) do
+    local flat = redis.call('HGETALL', node_key(prefix, node))
+    for i = 1, #flat, 2 do
+      if totals[flat[i]] == nil then
+        totals[flat[i]] = 0
+        order[#order + 1] = flat[i]
+      end
+      totals[flat[i]] = totals[flat[i]] + tonumber(flat[i + 1])
+    end
+  end
+  local out = {}
+  for _, ch in ipairs(order) do
+    out[#out + 1] = ch
+    out[#out + 1] = totals[ch]
+  end
+  return out
+end
+
+redis.register_function('pushnode_counts_put', counts_put)
+redis.register_function{function_name = 'pushnode_counts_get', callback = counts_get, flags = {'no-writes'}}

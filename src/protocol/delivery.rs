@@ -88,6 +88,10 @@ pub struct Envelope<'a> {
     /// The sender's user id of a client event on a Pusher presence channel (its JSON).
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     pub user_id: Option<&'a RawValue>,
+    /// Not a message: every session on the channel is to be closed (Pusher's
+    /// `terminate_connections`, on a signed-in user's channel).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminate: bool,
     #[serde(borrow)]
     pub data: &'a RawValue,
 }
@@ -103,6 +107,7 @@ impl<'a> Envelope<'a> {
             unread: None,
             socket: None,
             user_id: None,
+            terminate: false,
             data,
         }
     }
@@ -214,6 +219,8 @@ pub struct Delivery {
     pusher: OnceCell<Option<WireFrame>>,
     /// The session (node part, session part of a Pusher socket id) that must not get it.
     pub except: Option<(u32, u64)>,
+    /// Close every session of the channel instead of delivering (see [`Envelope::terminate`]).
+    pub terminate: bool,
     payload: Bytes,
     topic: Option<Arc<str>>,
     /// An envelope whose `data` fails [`json::check`]: JSON sessions do not get it.
@@ -244,6 +251,7 @@ impl Delivery {
             {
                 let raw = text_or_binary(payload.slice_ref(env.data.get().as_bytes()));
                 let except = env.socket.as_deref().and_then(pusher::parse_socket_id);
+                let terminate = env.terminate;
                 if json::check(env.data.get()).is_err() {
                     return Self {
                         ts: env.ts,
@@ -252,6 +260,7 @@ impl Delivery {
                         raw: Some(raw),
                         pusher: OnceCell::new(),
                         except,
+                        terminate,
                         payload: Bytes::new(),
                         topic,
                         invalid: true,
@@ -274,6 +283,7 @@ impl Delivery {
                     raw: Some(raw),
                     pusher: OnceCell::new(),
                     except,
+                    terminate,
                     // Kept for the Pusher frame, built only if a Pusher session wants it.
                     payload: payload.clone(),
                     topic,
@@ -289,6 +299,7 @@ impl Delivery {
                     raw: None,
                     pusher: OnceCell::from(None),
                     except: None,
+                    terminate: false,
                     payload: Bytes::new(),
                     topic,
                     invalid: false,
@@ -302,6 +313,7 @@ impl Delivery {
             raw: Some(text_or_binary(payload.clone())),
             pusher: OnceCell::new(),
             except: None,
+            terminate: false,
             payload: payload.clone(),
             topic,
             invalid: false,

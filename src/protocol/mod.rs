@@ -209,6 +209,8 @@ pub enum CloseReason {
     UnknownApp,
     /// Pusher: the app has its maximum number of connections.
     OverCapacity,
+    /// Pusher: a signin with a bad signature, or the app terminated the user's connections.
+    Unauthorized,
     /// Writing to the socket failed or timed out.
     WriteFailed,
 }
@@ -235,7 +237,7 @@ impl CloseReason {
             Self::RateLimited => 4003,
             Self::TooManyConnections => 4004,
             // Pusher-only reasons; a native session never gets them.
-            Self::UnknownApp | Self::OverCapacity => 1008,
+            Self::UnknownApp | Self::OverCapacity | Self::Unauthorized => 1008,
         }
     }
 
@@ -254,6 +256,7 @@ impl CloseReason {
             Self::WriteFailed => "write_failed",
             Self::UnknownApp => "unknown_app",
             Self::OverCapacity => "over_capacity",
+            Self::Unauthorized => "unauthorized",
         }
     }
 
@@ -272,6 +275,7 @@ impl CloseReason {
             Self::WriteFailed => "write failed".to_owned(),
             Self::UnknownApp => "unknown app key".to_owned(),
             Self::OverCapacity => "over capacity; reconnect later".to_owned(),
+            Self::Unauthorized => "unauthorized".to_owned(),
             Self::Normal | Self::Gone => String::new(),
         }
     }
@@ -308,6 +312,7 @@ mod tests {
             CloseReason::WriteFailed,
             CloseReason::UnknownApp,
             CloseReason::OverCapacity,
+            CloseReason::Unauthorized,
         ];
         for r in reasons {
             assert!(r.text().len() <= 123, "{r:?}");

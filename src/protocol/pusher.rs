@@ -31,12 +31,20 @@ pub enum ChannelClass {
     /// application and relayed untouched.
     Encrypted,
     Presence,
+    /// `#server-to-user-<id>`: the events sent to a signed-in user (`sendToUser`); only that
+    /// user's sockets may subscribe.
+    User,
 }
+
+/// The prefix of a user's channel (Pusher's name for it).
+pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
 
 impl ChannelClass {
     /// Classifies a valid channel name (see [`valid_channel`]).
     pub fn of(channel: &str) -> Self {
-        if channel.starts_with("private-encrypted-") {
+        if channel.starts_with(USER_CHANNEL_PREFIX) {
+            Self::User
+        } else if channel.starts_with("private-encrypted-") {
             Self::Encrypted
         } else if channel.starts_with("private-") {
             Self::Private
@@ -49,18 +57,31 @@ impl ChannelClass {
 
     /// Whether subscribing needs a signature.
     pub fn needs_auth(self) -> bool {
-        self != Self::Public
+        matches!(self, Self::Private | Self::Encrypted | Self::Presence)
     }
 }
 
-/// Pusher's channel name rule: 1 to [`MAX_CHANNEL_LEN`] bytes of `A-Z a-z 0-9 _ - = @ , . ;`.
-/// Braces are not in the alphabet, so a name never breaks a Redis Cluster hash tag.
+/// Pusher's channel name rule: 1 to [`MAX_CHANNEL_LEN`] bytes of `A-Z a-z 0-9 _ - = @ , . ;`,
+/// or a user's channel `#server-to-user-<id>` (see [`valid_user_id`]). Braces are in neither
+/// alphabet, so a name never breaks a Redis Cluster hash tag.
 pub fn valid_channel(name: &str) -> bool {
+    if let Some(user) = name.strip_prefix(USER_CHANNEL_PREFIX) {
+        return valid_user_id(user);
+    }
     !name.is_empty()
         && name.len() <= MAX_CHANNEL_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';'))
+}
+
+/// A signed-in user's id: 1 to [`MAX_USER_ID_LEN`] bytes of `A-Z a-z 0-9 _ - = @ , . ; :`.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_USER_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';' | b':'))
 }
 
 /// A socket id as Pusher server SDKs require it: `<digits>.<digits>`. The first part names the
@@ -92,6 +113,11 @@ pub enum ClientFrame {
     Unsubscribe {
         channel: String,
     },
+    /// `pusher:signin`: `user_data` (a JSON object with a string `id`) signed by the app.
+    Signin {
+        auth: String,
+        user_data: String,
+    },
     /// `client-*` on a channel: relayed to the channel's other subscribers. `data` is the JSON
     /// text as sent.
     ClientEvent {
@@ -99,7 +125,7 @@ pub enum ClientFrame {
         channel: String,
         data: String,
     },
-    /// Any other `pusher:` event (for example `pusher:signin` before it is supported): answered
+    /// Any other event (`pusher:` events this server does not take, say): answered
     /// with an error, the connection stays.
     Other {
         event: String,
@@ -134,6 +160,12 @@ struct UnsubscribeData {
     channel: String,
 }
 
+#[derive(Deserialize)]
+struct SigninData {
+    auth: String,
+    user_data: String,
+}
+
 impl ClientFrame {
     pub fn decode(text: &str) -> Result<Self, FrameError> {
         let incoming: Incoming<'_> =
@@ -148,6 +180,10 @@ impl ClientFrame {
             "pusher:unsubscribe" => {
                 let data: UnsubscribeData = object_data(incoming.data)?;
                 Ok(Self::Unsubscribe { channel: data.channel })
+            }
+            "pusher:signin" => {
+                let data: SigninData = object_data(incoming.data)?;
+                Ok(Self::Signin { auth: data.auth, user_data: data.user_data })
             }
             event if event.starts_with("client-") => {
                 let channel = incoming.channel.ok_or_else(|| FrameError("client event without a channel".into()))?;
@@ -241,8 +277,33 @@ pub fn parse_channel_data(channel_data: &str) -> Result<(String, String), FrameE
     Ok((user_id, user_info))
 }
 
-/// Longest presence user id accepted (Pusher's limit).
+/// Longest presence or signed-in user id accepted (Pusher's limit).
 pub const MAX_USER_ID_LEN: usize = 128;
+
+/// What a `pusher:signin`'s `auth` must sign.
+pub fn signin_message(socket_id: &str, user_data: &str) -> String {
+    format!("{socket_id}::user::{user_data}")
+}
+
+/// The user id of a signin's `user_data`, `{"id": "<string>", …}`.
+pub fn signin_user(user_data: &str) -> Result<String, FrameError> {
+    #[derive(Deserialize)]
+    struct UserData {
+        id: String,
+    }
+    let parsed: UserData =
+        serde_json::from_str(user_data).map_err(|e| FrameError(format!("invalid user_data: {e}")))?;
+    if !valid_user_id(&parsed.id) {
+        return Err(FrameError(format!("user_data.id must be 1 to {MAX_USER_ID_LEN} of A-Z a-z 0-9 _ - = @ , . ; :")));
+    }
+    Ok(parsed.id)
+}
+
+/// `pusher:signin_success`, echoing the signed `user_data`.
+pub fn signin_success(user_data: &str) -> String {
+    let data = serde_json::json!({ "user_data": user_data }).to_string();
+    frame("pusher:signin_success", None, &data)
+}
 
 /// `pusher:connection_established`: the socket id, and the seconds of silence after which the
 /// client should send `pusher:ping`.
@@ -286,6 +347,7 @@ pub const fn close_code(reason: CloseReason) -> u16 {
         CloseReason::MessageTooBig => 1009,
         CloseReason::WriteFailed => 1011,
         CloseReason::UnknownApp => 4001,
+        CloseReason::Unauthorized => 4009,
         CloseReason::OverCapacity | CloseReason::SlowConsumer | CloseReason::TooManyConnections => 4100,
         // A draining node: reconnect at once (to another node).
         CloseReason::ServerShutdown { .. } => 4200,

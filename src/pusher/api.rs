@@ -1,5 +1,7 @@
-//! The Pusher HTTP API, as Pusher server SDKs call it: `POST /apps/<id>/events` and
-//! `POST /apps/<id>/batch_events`, each request signed with the app's secret.
+//! The Pusher HTTP API, as Pusher server SDKs call it, each request signed with the app's
+//! secret: `POST /apps/<id>/events` and `/batch_events`; `GET /apps/<id>/channels`,
+//! `/channels/<name>` and `/channels/<name>/users` (counts and members across the cluster);
+//! `POST /apps/<id>/users/<user>/terminate_connections`.
 //!
 //! Signing (Pusher's): the query carries `auth_key`, `auth_timestamp` (seconds; accepted
 //! within [`MAX_CLOCK_SKEW`] of the node's clock), `auth_version=1.0`, `body_md5` (hex MD5 of
@@ -15,10 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::Router;
 use axum::body::to_bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use md5::{Digest, Md5};
 use serde::Deserialize;
 use serde_json::json;
@@ -29,7 +31,8 @@ use crate::node::Node;
 use crate::protocol::pusher::{self, MAX_EVENT_LEN, parse_socket_id, valid_channel};
 use crate::protocol::{Envelope, json};
 
-use super::App;
+use super::{App, counts};
+use crate::presence::ChannelRef;
 
 /// How far `auth_timestamp` may be from the node's clock (Pusher's rule).
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
@@ -42,6 +45,10 @@ pub fn router(node: Node) -> Router {
     Router::new()
         .route("/apps/{app}/events", post(events))
         .route("/apps/{app}/batch_events", post(batch_events))
+        .route("/apps/{app}/channels", get(channels))
+        .route("/apps/{app}/channels/{channel}", get(channel))
+        .route("/apps/{app}/channels/{channel}/users", get(users))
+        .route("/apps/{app}/users/{user}/terminate_connections", post(terminate))
         .with_state(node)
 }
 
@@ -75,10 +82,8 @@ struct Event {
     channel: Option<String>,
     #[serde(default)]
     socket_id: Option<String>,
-    /// Attributes to return per channel; accepted, answered with an empty `channels` object
-    /// until cluster-wide channel counts exist.
+    /// Attributes to return per channel: `subscription_count`, `user_count`.
     #[serde(default)]
-    #[allow(dead_code)]
     info: Option<String>,
 }
 
@@ -91,7 +96,15 @@ async fn events(State(node): State<Node>, Path(app): Path<String>, req: Request)
     match signed_body(&node, &app, req).await {
         Ok((app, body)) => match serde_json::from_slice::<Event>(&body) {
             Ok(event) => match publish(&node, &app, &event).await {
-                Ok(()) => Json(json!({})).into_response(),
+                Ok(()) => match event.info.as_deref() {
+                    None => Json(json!({})).into_response(),
+                    Some(info) => {
+                        match channel_infos(&node, &app, &check(&node, &event).unwrap_or_default(), info).await {
+                            Ok(channels) => Json(json!({ "channels": channels })).into_response(),
+                            Err(e) => e.into_response(),
+                        }
+                    }
+                },
                 Err(e) => e.into_response(),
             },
             Err(e) => bad(format!("invalid body: {e}")).into_response(),
@@ -123,13 +136,189 @@ async fn batch_events(State(node): State<Node>, Path(app): Path<String>, req: Re
             return e.into_response();
         }
     }
-    Json(json!({ "batch": batch.iter().map(|_| json!({})).collect::<Vec<_>>() })).into_response()
+    let mut answers = Vec::with_capacity(batch.len());
+    for event in &batch {
+        let answer = match (event.info.as_deref(), &event.channel) {
+            (Some(info), Some(channel)) => match channel_info(&node, &app, channel, info).await {
+                Ok(attributes) => attributes,
+                Err(e) => return e.into_response(),
+            },
+            _ => json!({}),
+        };
+        answers.push(answer);
+    }
+    Json(json!({ "batch": answers })).into_response()
+}
+
+/// Query parameters of the channel queries (the signature's parameters come along).
+#[derive(Debug, Deserialize)]
+struct ChannelQuery {
+    #[serde(default)]
+    info: Option<String>,
+    #[serde(default)]
+    filter_by_prefix: Option<String>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+/// `GET /apps/<id>/channels[?filter_by_prefix=…][&info=user_count]`: the occupied channels.
+async fn channels(
+    State(node): State<Node>,
+    Path(app): Path<String>,
+    Query(query): Query<ChannelQuery>,
+    req: Request,
+) -> Response {
+    let (app, _) = match signed_body(&node, &app, req).await {
+        Ok(signed) => signed,
+        Err(e) => return e.into_response(),
+    };
+    let prefix = query.filter_by_prefix.unwrap_or_default();
+    let user_count = counts::wants(query.info.as_deref(), "user_count");
+    if user_count && !prefix.starts_with("presence-") {
+        return bad("info=user_count needs filter_by_prefix=presence-").into_response();
+    }
+    let all = match node.counts().all(&app.settings.id).await {
+        Ok(all) => all,
+        Err(e) => return unavailable(e).into_response(),
+    };
+    let mut channels = serde_json::Map::new();
+    for (name, _) in all.into_iter().filter(|(name, _)| name.starts_with(&prefix)) {
+        let mut attributes = serde_json::Map::new();
+        if user_count {
+            match node.presence().members(&presence_ref(&node, &app, &name)).await {
+                Ok(members) => {
+                    attributes.insert("user_count".into(), members.len().into());
+                }
+                Err(e) => return unavailable(e).into_response(),
+            }
+        }
+        channels.insert(name, attributes.into());
+    }
+    Json(json!({ "channels": channels })).into_response()
+}
+
+/// `GET /apps/<id>/channels/<name>[?info=subscription_count,user_count]`.
+async fn channel(
+    State(node): State<Node>,
+    Path((app, channel)): Path<(String, String)>,
+    Query(query): Query<ChannelQuery>,
+    req: Request,
+) -> Response {
+    let (app, _) = match signed_body(&node, &app, req).await {
+        Ok(signed) => signed,
+        Err(e) => return e.into_response(),
+    };
+    if !valid_channel(&channel) {
+        return bad("invalid channel name").into_response();
+    }
+    match channel_info(&node, &app, &channel, query.info.as_deref().unwrap_or_default()).await {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `occupied` and the asked-for counts of one channel, across the cluster.
+async fn channel_info(node: &Node, app: &App, channel: &str, info: &str) -> Result<serde_json::Value, ApiError> {
+    let subscriptions = node.counts().subscription_count(&app.settings.id, channel).await.map_err(unavailable)?;
+    let mut out = serde_json::Map::new();
+    let mut occupied = subscriptions > 0;
+    if counts::has_users(channel) {
+        let members = node.presence().members(&presence_ref(node, app, channel)).await.map_err(unavailable)?;
+        occupied |= !members.is_empty();
+        if counts::wants(Some(info), "user_count") {
+            out.insert("user_count".into(), members.len().into());
+        }
+    } else if counts::wants(Some(info), "user_count") {
+        return Err(bad("user_count is only for presence channels"));
+    }
+    if counts::wants(Some(info), "subscription_count") {
+        out.insert("subscription_count".into(), subscriptions.into());
+    }
+    out.insert("occupied".into(), occupied.into());
+    Ok(out.into())
+}
+
+/// The `channels` object of a publish's `info` answer.
+async fn channel_infos(node: &Node, app: &App, channels: &[&str], info: &str) -> Result<serde_json::Value, ApiError> {
+    let mut out = serde_json::Map::new();
+    for channel in channels {
+        let mut attributes = channel_info(node, app, channel, info).await?;
+        if let Some(map) = attributes.as_object_mut() {
+            map.remove("occupied");
+        }
+        out.insert((*channel).to_owned(), attributes);
+    }
+    Ok(out.into())
+}
+
+/// `GET /apps/<id>/channels/<presence channel>/users`: the members, from every node.
+async fn users(State(node): State<Node>, Path((app, channel)): Path<(String, String)>, req: Request) -> Response {
+    let (app, _) = match signed_body(&node, &app, req).await {
+        Ok(signed) => signed,
+        Err(e) => return e.into_response(),
+    };
+    if !valid_channel(&channel) || !counts::has_users(&channel) {
+        return bad("users are listed for presence channels only").into_response();
+    }
+    match node.presence().members(&presence_ref(&node, &app, &channel)).await {
+        Ok(members) => {
+            let users: Vec<serde_json::Value> = members
+                .iter()
+                .map(|m| {
+                    // Ids are listed as strings, as Pusher does.
+                    let id = match serde_json::from_str::<serde_json::Value>(&m.user_id) {
+                        Ok(serde_json::Value::String(s)) => s,
+                        _ => m.user_id.clone(),
+                    };
+                    json!({ "id": id })
+                })
+                .collect();
+            Json(json!({ "users": users })).into_response()
+        }
+        Err(e) => unavailable(e).into_response(),
+    }
+}
+
+/// `POST /apps/<id>/users/<user>/terminate_connections`: closes every socket signed in as the
+/// user, on every node (4009; pusher-js does not reconnect).
+async fn terminate(State(node): State<Node>, Path((app, user)): Path<(String, String)>, req: Request) -> Response {
+    let (app, _) = match signed_body(&node, &app, req).await {
+        Ok(signed) => signed,
+        Err(e) => return e.into_response(),
+    };
+    if !pusher::valid_user_id(&user) {
+        return bad("invalid user id").into_response();
+    }
+    let channel = format!("{}{user}", pusher::USER_CHANNEL_PREFIX);
+    let id = node.hub().next_message_id();
+    let empty = serde_json::value::to_raw_value(&json!({})).unwrap_or_default();
+    let mut envelope = Envelope::new(&id, None, &empty);
+    envelope.terminate = true;
+    let broker_channel = node.apps().broker_channel(&app.settings.id, &channel);
+    match node.broker().publish(&broker_channel, envelope.encode()).await {
+        Ok(()) => Json(json!({})).into_response(),
+        Err(e) => unavailable(e).into_response(),
+    }
+}
+
+fn presence_ref(node: &Node, app: &App, channel: &str) -> ChannelRef {
+    ChannelRef {
+        app_id: app.settings.id.as_str().into(),
+        name: channel.into(),
+        broker_channel: node.apps().broker_channel(&app.settings.id, channel),
+    }
 }
 
 /// The event's channels, checked with the rest of it.
 fn check<'a>(node: &Node, event: &'a Event) -> Result<Vec<&'a str>, ApiError> {
     if event.name.is_empty() || event.name.len() > MAX_EVENT_LEN {
         return Err(bad(format!("name must be 1 to {MAX_EVENT_LEN} bytes")));
+    }
+    // The protocol's own events are the server's to send.
+    if event.name.starts_with("pusher:") || event.name.starts_with("pusher_internal:") {
+        return Err(bad("event names starting with pusher: or pusher_internal: are reserved"));
     }
     let channels: Vec<&str> = match (&event.channels, &event.channel) {
         (Some(list), None) => list.iter().map(String::as_str).collect(),

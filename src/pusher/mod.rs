@@ -4,6 +4,7 @@
 //! speak it in [`crate::session`]; the signed HTTP API is [`api`].
 
 pub mod api;
+pub mod counts;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,5 +100,14 @@ impl Apps {
         } else {
             format!("pusher:{app_id}:{channel}").into()
         }
+    }
+
+    /// What every broker channel of app `app_id` starts with.
+    pub fn broker_prefix(&self, app_id: &str) -> String {
+        if self.hash_tag { format!("pusher:{{{app_id}:") } else { format!("pusher:{app_id}:") }
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<App>> {
+        self.by_id.values()
     }
 }

@@ -40,11 +40,19 @@ pub(super) struct PusherSession {
     client_events: TokenBucket,
     /// Presence channels joined: the seat, and the user id (JSON) the socket joined as.
     seats: Vec<(Seat, Arc<str>)>,
+    /// The signed-in user's channel (`#server-to-user-<id>`), once signed in.
+    user_channel: Option<String>,
 }
 
 impl PusherSession {
     pub(super) fn new(app: AppSlot, socket_id: String) -> Self {
-        Self { app, socket_id: socket_id.into(), client_events: TokenBucket::new(), seats: Vec::new() }
+        Self {
+            app,
+            socket_id: socket_id.into(),
+            client_events: TokenBucket::new(),
+            seats: Vec::new(),
+            user_channel: None,
+        }
     }
 
     fn seat(&self, channel: &str) -> Option<&(Seat, Arc<str>)> {
@@ -86,6 +94,7 @@ where
                 }
                 Ok(())
             }
+            ClientFrame::Signin { auth, user_data } => self.signin(&auth, &user_data).await,
             ClientFrame::ClientEvent { event, channel, data } => self.client_event(event, channel, data).await,
             ClientFrame::Other { event } => self.pusher_error(None, &format!("unsupported event {event:?}")).await,
         }
@@ -101,6 +110,13 @@ where
             return self.subscription_error(&channel, "InvalidChannel", "invalid channel name", 400).await;
         }
         let class = ChannelClass::of(&channel);
+        if class == ChannelClass::User {
+            // Joined at signin; pusher-js subscribes it after `pusher:signin_success`.
+            if self.pusher().user_channel.as_deref() == Some(channel.as_str()) {
+                return self.write(Message::Text(pusher::subscription_succeeded(&channel).into())).await;
+            }
+            return self.subscription_error(&channel, "AuthError", "sign in as this user first", 401).await;
+        }
         let member = if class == ChannelClass::Presence {
             let parsed = match channel_data.as_deref() {
                 None => Err("presence channels need channel_data".to_owned()),
@@ -184,6 +200,38 @@ where
             _ => pusher::subscription_succeeded(channel),
         };
         self.write(Message::Text(frame.into())).await
+    }
+
+    /// `pusher:signin`: checks the app's signature over `socket_id::user::user_data`, then
+    /// joins the user's channel, where `sendToUser` events (and `terminate_connections`)
+    /// reach every signed-in socket of the user on every node. A bad signature closes the
+    /// connection with 4009, as Pusher does.
+    async fn signin(&mut self, auth: &str, user_data: &str) -> Result<(), CloseReason> {
+        let app = &self.pusher().app.settings;
+        let message = pusher::signin_message(&self.pusher().socket_id, user_data);
+        if !pusher::check_auth(&app.key, &app.secret, auth, &message) {
+            metrics::counter!(m::CLIENT_ERRORS, "code" => "pusher_signin").increment(1);
+            return Err(CloseReason::Unauthorized);
+        }
+        let user = match pusher::signin_user(user_data) {
+            Ok(user) => user,
+            Err(e) => return self.pusher_error(None, &e.to_string()).await,
+        };
+        let channel = format!("{}{user}", pusher::USER_CHANNEL_PREFIX);
+        if let Some(previous) = self.pusher().user_channel.clone()
+            && previous != channel
+        {
+            self.registration.leave_topic(&previous);
+        }
+        if !self.registration.has_topic(&channel) {
+            let broker_channel = self.ctx.apps.broker_channel(&self.pusher().app.settings.id, &channel);
+            self.registration.join_topic(broker_channel.clone(), channel.as_str().into());
+            self.ctx.hub.wait_live(&broker_channel, self.ctx.subscribe_wait).await;
+        }
+        if let Some(pusher) = self.pusher.as_deref_mut() {
+            pusher.user_channel = Some(channel);
+        }
+        self.write(Message::Text(pusher::signin_success(user_data).into())).await
     }
 
     async fn client_event(&mut self, event: String, channel: String, data: String) -> Result<(), CloseReason> {

@@ -33,7 +33,7 @@ function server(overrides = {}) {
 /// A pusher-js client on node `i`, authorising channels with the server SDK (as an app's
 /// /broadcasting/auth endpoint would); `user` is the presence identity it signs
 /// (`{user_id, user_info}`).
-function client(i, { key = config.key, authServer = server(), user } = {}) {
+function client(i, { key = config.key, authServer = server(), user, signinAs } = {}) {
   const [host, port] = config.nodes[i].split(':');
   return new Pusher(key, {
     wsHost: host,
@@ -42,6 +42,9 @@ function client(i, { key = config.key, authServer = server(), user } = {}) {
     enabledTransports: ['ws'],
     cluster: 'local',
     disableStats: true,
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => callback(null, authServer.authenticateUser(socketId, signinAs)),
+    },
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) => {
         const presence = channelName.startsWith('presence-') ? user : undefined;
@@ -388,6 +391,76 @@ scenarios.echo_presence = async () => {
   b.leave('chat');
   await until('leaving()', () => leaving.length === 1);
   assert.deepEqual(leaving, [{ name: 'Bob' }]);
+  a.disconnect();
+  b.disconnect();
+};
+
+// sendToUser reaches every signed-in socket of the user on every node, and nobody else;
+// terminateUserConnections closes them all (4009, no reconnect).
+scenarios.send_to_user = async () => {
+  const [u1a, u1b, u2] = [client(0, { signinAs: { id: 'u1' } }), client(1, { signinAs: { id: 'u1' } }), client(1, { signinAs: { id: 'u2' } })];
+  for (const c of [u1a, u1b, u2]) c.signin();
+  await Promise.all([u1a, u1b, u2].map(connected));
+  await Promise.all([u1a, u1b, u2].map((c) => within('signin', c.user.signinDonePromise)));
+  await until('user channels subscribed', () => [u1a, u1b, u2].every((c) => c.user.serverToUserChannel?.subscribed));
+  const got = (c) => within('user event', new Promise((resolve) => c.user.bind('notice', resolve)));
+  const u2got = [];
+  u2.user.bind('notice', (d) => u2got.push(d));
+  const [ga, gb] = [got(u1a), got(u1b)];
+  await server().sendToUser('u1', 'notice', { n: 1 });
+  assert.deepEqual(await ga, { n: 1 });
+  assert.deepEqual(await gb, { n: 1 });
+  const other = got(u2);
+  await server().sendToUser('u2', 'notice', { n: 2 });
+  assert.deepEqual(await other, { n: 2 });
+  assert.deepEqual(u2got, [{ n: 2 }], 'u2 got only its own');
+
+  const closed = (c) => within('terminated', new Promise((resolve) => c.connection.bind('error', (e) => {
+    const error = e?.error ?? e;
+    if (error?.data?.code === 4009) resolve();
+  })));
+  const [ca, cb] = [closed(u1a), closed(u1b)];
+  await server().terminateUserConnections('u1');
+  await ca;
+  await cb;
+  await sleep(300);
+  assert.equal(u2.connection.state, 'connected', 'another user stays');
+  for (const c of [u1a, u1b, u2]) c.disconnect();
+};
+
+// Channel queries through the server SDK: counts and members across two nodes.
+scenarios.channel_queries = async () => {
+  const [a, b] = [client(0, { user: ann }), client(1, { user: bob })];
+  await Promise.all([connected(a), connected(b)]);
+  await Promise.all([subscribed(a, 'news'), subscribed(b, 'news'), subscribed(b, 'presence-lobby'), subscribed(a, 'presence-lobby')]);
+  const sdk = server();
+  const get = async (path, params = {}) => {
+    const response = await sdk.get({ path, params });
+    return response.json();
+  };
+  // Counts are written every second by each node: wait for both nodes' to show.
+  let news;
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    news = await get('/channels/news', { info: 'subscription_count' });
+    if (news.subscription_count === 2 || Date.now() > deadline) break;
+    await sleep(100);
+  }
+  assert.deepEqual(news, { occupied: true, subscription_count: 2 });
+  const lobby = await get('/channels/presence-lobby', { info: 'user_count,subscription_count' });
+  assert.equal(lobby.user_count, 2);
+  assert.equal(lobby.occupied, true);
+  const users = await get('/channels/presence-lobby/users');
+  assert.deepEqual(users.users.map((u) => u.id).sort(), ['1', '2']);
+  const list = await get('/channels');
+  assert.deepEqual(Object.keys(list.channels).sort(), ['news', 'presence-lobby']);
+  const presence = await get('/channels', { filter_by_prefix: 'presence-', info: 'user_count' });
+  assert.deepEqual(presence.channels, { 'presence-lobby': { user_count: 2 } });
+  const empty = await get('/channels/nobody-here', { info: 'subscription_count' });
+  assert.deepEqual(empty, { occupied: false, subscription_count: 0 });
+  // A publish can ask for the counts of the channels it went to.
+  const published = await (await sdk.trigger('news', 'e', {}, { info: 'subscription_count' })).json();
+  assert.deepEqual(published, { channels: { news: { subscription_count: 2 } } });
   a.disconnect();
   b.disconnect();
 };
