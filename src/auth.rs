@@ -252,7 +252,9 @@ impl Authenticator {
     /// only, on loopback) the API is open.
     pub fn check_api_key(&self, authorization: Option<&str>) -> Result<(), AuthError> {
         if self.api_keys.is_empty() {
-            return Ok(());
+            // Open only in demo mode (validation keeps that on loopback); otherwise a node
+            // without keys (a Pusher-only node) has its native API closed.
+            return if self.demo.is_some() { Ok(()) } else { Err(AuthError::BadApiKey) };
         }
         let presented = authorization.and_then(bearer).ok_or(AuthError::BadApiKey)?;
         // Compare every key in full so timing does not reveal which one nearly matched.

@@ -400,6 +400,16 @@ pub struct Pusher {
     pub presence_ttl: Duration,
     /// Most distinct users in one presence channel (Pusher's limit is 100); one more is refused.
     pub max_presence_members: usize,
+    /// Keep Laravel's broadcast notifications (`notification_event` on a `notification_channel`)
+    /// in the user's pushnode inbox too, and replay the unread ones to a socket that
+    /// subscribes the user's channel, so Echo's `.notification()` gets what arrived while the
+    /// user was away.
+    pub persist_notifications: bool,
+    /// The private channel of a user's notifications; `{user}` is the user id (an inbox user id:
+    /// 1 to 128 of A-Z a-z 0-9 _ - . : @ =). Laravel: `App.Models.User.{id}`, made private.
+    pub notification_channel: String,
+    /// The event name Laravel broadcasts notifications as.
+    pub notification_event: String,
 }
 
 impl Default for Pusher {
@@ -410,6 +420,9 @@ impl Default for Pusher {
             api_listener: ApiListener::Public,
             presence_ttl: Duration::from_secs(15),
             max_presence_members: 100,
+            persist_notifications: false,
+            notification_channel: "private-App.Models.User.{user}".into(),
+            notification_event: r"Illuminate\Notifications\Events\BroadcastNotificationCreated".into(),
         }
     }
 }
@@ -581,16 +594,22 @@ impl Settings {
                 "the demo routes mint tokens for any user; set demo.enabled = false unless server.public_addr and server.internal_addr are loopback",
             ));
         }
-        if self.auth.jwt_secret.is_empty() && !self.demo.enabled && !self.auth.insecure_uid {
-            return Err(invalid("auth.jwt_secret", "required unless demo.enabled or auth.insecure_uid"));
+        // A Pusher-only node needs neither: without a secret no native token is valid (a random
+        // per-process key checks them), and without keys the native API refuses every call.
+        let pusher_only = !self.pusher.apps.is_empty();
+        if self.auth.jwt_secret.is_empty() && !self.demo.enabled && !self.auth.insecure_uid && !pusher_only {
+            return Err(invalid(
+                "auth.jwt_secret",
+                "required unless demo.enabled, auth.insecure_uid or Pusher apps (pusher.apps) are set",
+            ));
         }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < MIN_SECRET_LEN {
             return Err(invalid("auth.jwt_secret", format!("must be at least {MIN_SECRET_LEN} bytes")));
         }
-        if self.auth.api_keys.is_empty() && !(self.demo.enabled && loopback) {
+        if self.auth.api_keys.is_empty() && !(self.demo.enabled && loopback) && !pusher_only {
             return Err(invalid(
                 "auth.api_keys",
-                "at least one key is required; the API runs without one only in demo mode with both listeners on loopback",
+                "at least one key is required; the API runs without one only in demo mode with both listeners on loopback (with Pusher apps and no key, it refuses every call)",
             ));
         }
         if self.auth.api_keys.iter().any(|k| k.len() < 16) {
@@ -725,6 +744,13 @@ impl Settings {
         }
         if pusher.max_presence_members == 0 {
             return Err(invalid("pusher.max_presence_members", "must be at least 1"));
+        }
+        let channel = &pusher.notification_channel;
+        if channel.matches("{user}").count() != 1 || !channel.starts_with("private-") {
+            return Err(invalid("pusher.notification_channel", "must start with private- and hold {user} once"));
+        }
+        if pusher.notification_event.is_empty() {
+            return Err(invalid("pusher.notification_event", "must not be empty"));
         }
         // Ids and keys appear in URL paths: a plain alphabet keeps them out of any escaping.
         let plain = |s: &str| {

@@ -192,6 +192,43 @@ async fn channel_queries_on_a_single_node_without_redis() {
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_notifications_published_while_away_reach_echo_at_the_next_visit() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestNode> = futures_util::future::join_all((0..2).map(|_| {
+        TestNode::with(|s| {
+            on_redis(s, &redis.url());
+            with_app(s);
+            s.pusher.persist_notifications = true;
+        })
+    }))
+    .await;
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    scenario("notifications_wait_for_offline_users", &[&nodes[0], &nodes[1]]).await;
+    // They are the user's inbox notifications, visible to the native API too.
+    let (status, body) = nodes[0].get_json("/api/users/42/notifications?limit=10").await;
+    assert_eq!(status, 200, "{body}");
+    let items = body["notifications"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{body}");
+    assert!(items.iter().all(|n| n["read"] == true), "{body}");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_notifications_wait_in_the_memory_inbox_on_a_single_node() {
+    let node = TestNode::with(|s| {
+        with_app(s);
+        s.pusher.persist_notifications = true;
+    })
+    .await;
+    scenario("notifications_wait_for_offline_users", &[&node, &node]).await;
+    node.stop().await;
+}
+
 /// A `pushnode serve` child, killed when dropped (a failing test must not leave it running).
 struct Child(std::process::Child);
 
@@ -587,6 +624,26 @@ async fn the_api_listener_setting_moves_the_api_to_the_internal_listener() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_pusher_only_node_needs_no_jwt_secret_or_api_keys_and_keeps_the_native_api_closed() {
+    let node = TestNode::with(|s| {
+        with_app(s);
+        s.auth.jwt_secret = String::new();
+        s.auth.api_keys = Vec::new();
+    })
+    .await;
+    let (status, body) = node.publish(json!({"user": "1", "data": {}})).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = node.post("/api/publish", None, json!({"user": "1", "data": {}}).to_string()).await;
+    assert_eq!(status, 401);
+    // No native token is valid (nobody knows the per-process key); Pusher works.
+    let forged = pushnode::auth::Authenticator::new(&pushnode::settings::Auth::default());
+    let token = forged.issue("1", Duration::from_secs(60), vec![]).unwrap();
+    assert_eq!(node.refused(&node.ws_url(&format!("token={token}")), &[]).await, 401);
+    established(&node).await;
     node.stop().await;
 }
 

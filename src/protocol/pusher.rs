@@ -113,6 +113,12 @@ pub enum ClientFrame {
     Unsubscribe {
         channel: String,
     },
+    /// `pushnode:read` on a user's notification channel: marks kept notifications read.
+    /// `data` (JSON text) is `{"ids": […]}`, `{"up_to": id}` or `{"all": true}`.
+    Read {
+        channel: String,
+        data: String,
+    },
     /// `pusher:signin`: `user_data` (a JSON object with a string `id`) signed by the app.
     Signin {
         auth: String,
@@ -184,6 +190,15 @@ impl ClientFrame {
             "pusher:signin" => {
                 let data: SigninData = object_data(incoming.data)?;
                 Ok(Self::Signin { auth: data.auth, user_data: data.user_data })
+            }
+            "pushnode:read" => {
+                let channel = incoming.channel.ok_or_else(|| FrameError("pushnode:read without a channel".into()))?;
+                let data = match incoming.data.map(|d| serde_json::from_str::<String>(d.get())) {
+                    Some(Ok(inner)) => inner,
+                    Some(Err(_)) => incoming.data.map_or_else(String::new, |d| d.get().to_owned()),
+                    None => "{}".to_owned(),
+                };
+                Ok(Self::Read { channel, data })
             }
             event if event.starts_with("client-") => {
                 let channel = incoming.channel.ok_or_else(|| FrameError("client event without a channel".into()))?;

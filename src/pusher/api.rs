@@ -348,6 +348,9 @@ fn check<'a>(node: &Node, event: &'a Event) -> Result<Vec<&'a str>, ApiError> {
 }
 
 /// Publishes one event on each of its channels; stops at the first channel the broker refuses.
+/// A Laravel notification on a user's notification channel (with
+/// `pusher.persist_notifications`) is first kept in the user's inbox, and goes out tagged
+/// with its inbox id and the unread count.
 async fn publish(node: &Node, app: &App, event: &Event) -> Result<(), ApiError> {
     let channels = check(node, event)?;
     let id = node.hub().next_message_id();
@@ -356,10 +359,19 @@ async fn publish(node: &Node, app: &App, event: &Event) -> Result<(), ApiError> 
     let payload = envelope.encode();
     for channel in channels {
         let broker_channel = node.apps().broker_channel(&app.settings.id, channel);
-        node.broker()
-            .publish(&broker_channel, payload.clone())
-            .await
-            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        let kept = node.apps().notifications.as_ref().and_then(|n| n.kept(&event.name, channel));
+        let payload = match kept {
+            None => payload.clone(),
+            Some(user) => {
+                let appended =
+                    node.inbox().append(user, Some(&event.name), &event.data, None).await.map_err(unavailable)?;
+                let data = super::tag_notification(&event.data, &appended.id.to_string(), Some(appended.unread));
+                let mut envelope = Envelope::new(&id, Some(&event.name), &data);
+                envelope.socket = event.socket_id.as_deref().map(Into::into);
+                envelope.encode()
+            }
+        };
+        node.broker().publish(&broker_channel, payload).await.map_err(unavailable)?;
         metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
     }
     Ok(())

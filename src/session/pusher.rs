@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::Session;
 use super::rate::TokenBucket;
+use crate::inbox::ReadScope;
 use crate::metrics as m;
 use crate::presence::{ChannelRef, PresenceError, Seat};
 use crate::protocol::pusher::{self, ChannelClass, ClientFrame};
@@ -28,6 +29,17 @@ use crate::pusher::AppSlot;
 /// Client events a socket may send per second (Pusher's limit); past it they are dropped with
 /// a 4301 error.
 pub(super) const CLIENT_EVENTS_PER_SECOND: f64 = 10.0;
+
+/// The event that tells a user's sockets its unread count of kept notifications.
+const UNREAD_EVENT: &str = "pushnode:unread";
+
+fn unread_frame(channel: &str, unread: u64) -> String {
+    let data = RawValue::from_string(format!(r#"{{"unread":{unread}}}"#)).unwrap_or_else(|_| RawValue::NULL.to_owned());
+    match pusher::event_frame(UNREAD_EVENT, channel, &data, None) {
+        crate::protocol::WireFrame::Text(text) => text.to_string(),
+        _ => String::new(),
+    }
+}
 
 /// Longest presence `user_info` accepted, in bytes (Pusher's limit).
 const MAX_USER_INFO_BYTES: usize = 1024;
@@ -95,6 +107,7 @@ where
                 Ok(())
             }
             ClientFrame::Signin { auth, user_data } => self.signin(&auth, &user_data).await,
+            ClientFrame::Read { channel, data } => self.read_notifications(&channel, &data).await,
             ClientFrame::ClientEvent { event, channel, data } => self.client_event(event, channel, data).await,
             ClientFrame::Other { event } => self.pusher_error(None, &format!("unsupported event {event:?}")).await,
         }
@@ -157,7 +170,8 @@ where
         self.registration.join_topic(broker_channel.clone(), channel.as_str().into());
         self.ctx.hub.wait_live(&broker_channel, self.ctx.subscribe_wait).await;
         let Some((user_id, user_info)) = member else {
-            return self.write(Message::Text(pusher::subscription_succeeded(&channel).into())).await;
+            self.write(Message::Text(pusher::subscription_succeeded(&channel).into())).await?;
+            return self.replay_notifications(&channel).await;
         };
         let channel_ref = ChannelRef {
             app_id: self.pusher().app.settings.id.as_str().into(),
@@ -200,6 +214,78 @@ where
             _ => pusher::subscription_succeeded(channel),
         };
         self.write(Message::Text(frame.into())).await
+    }
+
+    /// The user's notification channel (with `pusher.persist_notifications`): what the socket
+    /// subscribed it for. Its unread kept notifications, oldest first (at most
+    /// `inbox.replay_limit`), as the events they were, then `pushnode:unread` with the count.
+    /// Subscribed first, replayed second: one published meanwhile may come twice (its
+    /// `pushnode.id` tells).
+    async fn replay_notifications(&mut self, channel: &str) -> Result<(), CloseReason> {
+        let (Some(notifications), Some(inbox)) = (self.ctx.apps.notifications.clone(), self.ctx.inbox.clone()) else {
+            return Ok(());
+        };
+        let Some(user) = notifications.user_of(channel) else { return Ok(()) };
+        let stored = match inbox.list(user, None, self.ctx.replay_limit, true).await {
+            Ok(stored) => stored,
+            Err(e) => return self.pusher_error(None, &format!("kept notifications not replayed: {e}")).await,
+        };
+        for note in &stored {
+            let data = crate::pusher::tag_notification(&note.data, &note.id.to_string(), None);
+            let event = note.event.as_deref().unwrap_or(&notifications.event);
+            let crate::protocol::WireFrame::Text(frame) = pusher::event_frame(event, channel, &data, None) else {
+                continue;
+            };
+            self.write(Message::Text(frame)).await?;
+        }
+        metrics::counter!(m::INBOX_REPLAYED).increment(stored.len() as u64);
+        match inbox.state(user).await {
+            Ok(state) => self.write(Message::Text(unread_frame(channel, state.unread).into())).await,
+            Err(e) => self.pusher_error(None, &format!("unread count unavailable: {e}")).await,
+        }
+    }
+
+    /// `pushnode:read` on a subscribed notification channel: marks kept notifications read,
+    /// then tells every socket of the channel, on every node, the new count
+    /// (`pushnode:unread`).
+    async fn read_notifications(&mut self, channel: &str, data: &str) -> Result<(), CloseReason> {
+        #[derive(serde::Deserialize)]
+        struct Read {
+            #[serde(default)]
+            ids: Option<Vec<String>>,
+            #[serde(default)]
+            up_to: Option<String>,
+            #[serde(default)]
+            all: bool,
+        }
+        let (Some(notifications), Some(inbox)) = (self.ctx.apps.notifications.clone(), self.ctx.inbox.clone()) else {
+            return self.pusher_error(None, "kept notifications are off (pusher.persist_notifications)").await;
+        };
+        let Some(user) = notifications.user_of(channel).filter(|_| self.registration.has_topic(channel)) else {
+            return self.pusher_error(None, &format!("not subscribed to a notification channel {channel:?}")).await;
+        };
+        let read: Read = match serde_json::from_str(data) {
+            Ok(read) => read,
+            Err(e) => return self.pusher_error(None, &format!("invalid pushnode:read data: {e}")).await,
+        };
+        let scope = match ReadScope::parse(read.ids.as_deref(), read.up_to.as_deref(), read.all) {
+            Ok(scope) => scope,
+            Err(e) => return self.pusher_error(None, &e.to_string()).await,
+        };
+        let unread = match inbox.mark_read(user, &scope).await {
+            Ok(unread) => unread,
+            Err(e) => return self.pusher_error(None, &format!("not marked read: {e}")).await,
+        };
+        let id = self.ctx.hub.next_message_id();
+        let data =
+            RawValue::from_string(format!(r#"{{"unread":{unread}}}"#)).unwrap_or_else(|_| RawValue::NULL.to_owned());
+        let envelope = Envelope::new(&id, Some(UNREAD_EVENT), &data);
+        let broker_channel = self.ctx.apps.broker_channel(&self.pusher().app.settings.id, channel);
+        if self.ctx.broker.publish(&broker_channel, envelope.encode()).await.is_err() {
+            // The others learn at their next replay; this socket learns now.
+            return self.write(Message::Text(unread_frame(channel, unread).into())).await;
+        }
+        Ok(())
     }
 
     /// `pusher:signin`: checks the app's signature over `socket_id::user::user_data`, then

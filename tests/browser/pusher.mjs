@@ -465,6 +465,68 @@ scenarios.channel_queries = async () => {
   b.disconnect();
 };
 
+// Laravel notifications wait for users who were offline: published while nobody listened,
+// Echo's .notification() gets them when the user's page subscribes, tagged with their inbox
+// id; pushnode:read marks them read and every tab hears the new count.
+scenarios.notifications_wait_for_offline_users = async () => {
+  const NOTIFICATION = 'Illuminate\\Notifications\\Events\\BroadcastNotificationCreated';
+  const sdk = server();
+  // Sent while user 42 has no page open (as Laravel's pusher broadcaster sends them).
+  await sdk.trigger('private-App.Models.User.42', NOTIFICATION, { id: 'uuid-1', type: 'App\\Notifications\\Hello', title: 'While away' });
+  await sdk.trigger('private-App.Models.User.42', NOTIFICATION, { id: 'uuid-2', type: 'App\\Notifications\\Hello', title: 'Also away' });
+
+  const echoOn = (i) => {
+    const [host, port] = config.nodes[i].split(':');
+    return new Echo({
+      broadcaster: 'pusher', key: config.key, wsHost: host, wsPort: Number(port), forceTLS: false,
+      enabledTransports: ['ws'], cluster: 'local', disableStats: true, Pusher,
+      authorizer: (channel) => ({
+        authorize: (socketId, callback) => callback(null, sdk.authorizeChannel(socketId, channel.name)),
+      }),
+    });
+  };
+  const page = echoOn(1);
+  const received = [];
+  const counts = [];
+  page.private('App.Models.User.42')
+    .notification((n) => received.push(n))
+    .listen('.pushnode:unread', (e) => counts.push(e.unread));
+  await until('the kept notifications', () => received.length === 2 && counts.length === 1)
+    .catch((e) => { throw new Error(`${e.message}: got ${JSON.stringify(received)}, counts ${JSON.stringify(counts)}`); });
+  assert.deepEqual(received.map((n) => n.title), ['While away', 'Also away']);
+  assert.deepEqual(received.map((n) => n.id), ['uuid-1', 'uuid-2']);
+  assert.ok(received.every((n) => n.pushnode.replay === true && /^\d+-\d+$/.test(n.pushnode.id)), JSON.stringify(received));
+  assert.deepEqual(counts, [2]);
+
+  // Live, while the page is open: tagged with the new unread count.
+  await sdk.trigger('private-App.Models.User.42', NOTIFICATION, { id: 'uuid-3', title: 'Live' });
+  await until('the live notification', () => received.length === 3);
+  assert.equal(received[2].title, 'Live');
+  assert.equal(received[2].pushnode.unread, 3);
+  // Another event on the channel is not kept.
+  await sdk.trigger('private-App.Models.User.42', 'OrderShipped', { n: 1 });
+
+  // Read up to the first one, then all: every tab hears the count.
+  const pusher = page.connector.pusher;
+  pusher.send_event('pushnode:read', { up_to: received[0].pushnode.id }, 'private-App.Models.User.42');
+  await until('unread 2', () => counts.at(-1) === 2);
+  pusher.send_event('pushnode:read', { all: true }, 'private-App.Models.User.42');
+  await until('unread 0', () => counts.at(-1) === 0);
+  page.disconnect();
+
+  // The next visit replays nothing: all were read.
+  const again = echoOn(0);
+  const replayed = [];
+  const countsAgain = [];
+  again.private('App.Models.User.42')
+    .notification((n) => replayed.push(n))
+    .listen('.pushnode:unread', (e) => countsAgain.push(e.unread));
+  await until('the unread count', () => countsAgain.length === 1);
+  assert.deepEqual(countsAgain, [0]);
+  assert.deepEqual(replayed, []);
+  again.disconnect();
+};
+
 const run = scenarios[scenario];
 if (!run) {
   console.error(`unknown scenario ${scenario}; one of ${Object.keys(scenarios).join(', ')}`);
