@@ -95,3 +95,43 @@ async fn the_client_drops_a_connection_gone_silent_and_reconnects() {
     eprint!("{stdout}");
     node.stop().await;
 }
+
+/// pusher-js and Laravel Echo as a Laravel page loads them (their browser builds), in
+/// Chromium: a notification sent while the browser was closed reaches `.notification()`,
+/// a private event arrives live, and presence shows a second user joining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_echo_in_chromium_gets_what_was_sent_while_the_browser_was_closed() {
+    let Some((dir, chromium)) = prerequisites() else { return };
+    let node = TestNode::with(|s| {
+        s.pusher.apps = vec![pushnode::settings::PusherApp {
+            id: "1".into(),
+            key: "browser-key".into(),
+            secret: "browser-secret-0123".into(),
+            enable_client_messages: false,
+            max_connections: 0,
+        }];
+        s.pusher.persist_notifications = true;
+    })
+    .await;
+    let config = serde_json::json!({
+        "base": format!("http://{}", node.public),
+        "appId": "1", "key": "browser-key", "secret": "browser-secret-0123",
+    });
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(dir.join("pusher-browser.mjs"))
+            .arg(config.to_string())
+            .env("CHROMIUM", chromium)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("cannot run node");
+    assert!(
+        output.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    node.stop().await;
+}
