@@ -21,7 +21,17 @@ CHART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pushnode")
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 SECRETS = {"auth": {"jwtSecret": "s" * 40, "apiKeys": ["k" * 24]}}
 # What a Secret named by existingSecret holds in these checks.
-EXISTING = {"jwt-secret": "s" * 40, "api-keys": "k" * 24, "redis-url": "redis://redis:6379"}
+EXISTING = {
+    "jwt-secret": "s" * 40,
+    "api-keys": "k" * 24,
+    "redis-url": "redis://redis:6379",
+    "pusher-app-0-secret": "p" * 20,
+    "pusher-app-1-secret": "q" * 20,
+}
+PUSHER_APPS = [
+    {"id": "1001", "key": "app-key", "secret": "app-secret-0123", "enableClientMessages": True},
+    {"id": "1002", "key": "other-key", "secret": "other-secret-0123", "maxConnections": 5000},
+]
 VALUE_SETS = {
     "defaults": SECRETS,
     "everything-on": {
@@ -54,6 +64,11 @@ VALUE_SETS = {
         "keda": {"enabled": True},
     },
     "no-autoscaling": {**SECRETS, "autoscaling": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
+    "pusher-only": {"pusher": {"apps": PUSHER_APPS}, "config": {"pusher": {"persist_notifications": True}}},
+    "pusher-and-native-existing-secret": {
+        **SECRETS,
+        "pusher": {"apps": [{"id": "1001", "key": "app-key"}], "existingSecret": "pusher-keys"},
+    },
     "minutes-and-millis": {
         **SECRETS,
         "config": {"server": {"drain_period": "1m30s", "shutdown_grace": "500ms"}, "limits": {"max_memory_bytes": 123456789}},
@@ -68,6 +83,8 @@ MUST_FAIL = {
     "a duration the chart cannot read": ({**SECRETS, "config": {"server": {"drain_period": "20 seconds"}}}, "duration"),
     "a fractional memory limit": ({**SECRETS, "resources": {"limits": {"memory": "1.5Gi"}}}, "whole units"),
     "redis-cluster without nodes": ({**SECRETS, "config": {"broker": {"kind": "redis-cluster"}}}, "clusterNodes"),
+    "a Pusher app without a secret": ({"pusher": {"apps": [{"id": "1", "key": "k"}]}}, "secret"),
+    "a Pusher app without a key": ({"pusher": {"apps": [{"id": "1", "secret": "s" * 20}]}}, "key"),
 }
 # Custom resources whose schemas kubernetes-validate does not carry.
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
@@ -186,6 +203,16 @@ def check_wiring(binary, name, values, docs, tmp, failures):
     wanted_var = {"redis": "PUSHNODE__BROKER__REDIS_URL", "redis-cluster": "PUSHNODE__BROKER__CLUSTER_NODES"}[kind]
     if wanted_var not in env:
         failures.append(f"{name}: the pod gets no {wanted_var}")
+    apps = values.get("pusher", {}).get("apps", [])
+    for i, app in enumerate(apps):
+        want_app = {f"PUSHNODE__PUSHER__APPS__{i}__ID": app["id"], f"PUSHNODE__PUSHER__APPS__{i}__KEY": app["key"]}
+        if any(env.get(k) != v for k, v in want_app.items()) or not env.get(f"PUSHNODE__PUSHER__APPS__{i}__SECRET"):
+            failures.append(f"{name}: Pusher app {i} is not wired: {sorted(k for k in env if 'PUSHER' in k)}")
+        if app.get("secret") and app["secret"] in toml:
+            failures.append(f"{name}: a Pusher secret is in the ConfigMap")
+    native = "PUSHNODE__AUTH__JWT_SECRET" in env
+    if native != (not apps or "auth" in values):
+        failures.append(f"{name}: native auth wired: {native}")
     if values.get("redis", {}).get("tlsCaSecret"):
         mounts = [m["mountPath"] for m in container["volumeMounts"]]
         if 'tls_ca_file = "/etc/pushnode/redis-ca/ca.crt"' not in toml or "/etc/pushnode/redis-ca" not in mounts:
@@ -198,6 +225,8 @@ def check_wiring(binary, name, values, docs, tmp, failures):
     )
     if out.returncode != 0:
         failures.append(f"{name}: pushnode rejects the rendered config: {out.stderr}\n{toml}")
+    elif apps and out.stdout.count("[[pusher.apps]]") != len(apps):
+        failures.append(f"{name}: the node sees {out.stdout.count('[[pusher.apps]]')} Pusher apps, want {len(apps)}")
 
 
 def seconds(duration):

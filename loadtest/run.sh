@@ -7,6 +7,7 @@
 #   NODES=3 GENERATORS=3 loadtest/run.sh idle 50000 --duration 10m
 #   loadtest/run.sh unicast 19000 --rate 50000 --duration 20s
 #   loadtest/run.sh unicast 19000 --rate 5000 --publish-via api   # through POST /api/publish
+#   loadtest/run.sh unicast 19000 --rate 20000 --format pusher     # Pusher sessions (signed in)
 #   loadtest/run.sh floor
 #
 # Scenarios: idle unicast broadcast storm churn slow resubscribe (see pushnode-loadtest --help).
@@ -44,11 +45,20 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
 pids+=($!)
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
 
+# --format pusher: the nodes get a Pusher app (the generator's defaults) with its API on the
+# internal listener too; other runs leave the Pusher front end off.
+pusher_env=()
+if [[ " $* " == *" pusher "* ]]; then
+  pusher_env=(PUSHNODE__PUSHER__APPS__0__ID=1 PUSHNODE__PUSHER__APPS__0__KEY=loadtest-key
+    PUSHNODE__PUSHER__APPS__0__SECRET=loadtest-pusher-secret PUSHNODE__PUSHER__API_LISTENER=both)
+fi
+
 urls=()
 node_pids=()
 internals=()
 for ((i = 0; i < nodes; i++)); do
   public=$(free_port); internal=$(free_port)
+  env "${pusher_env[@]}" \
   PUSHNODE__SERVER__PUBLIC_ADDR=127.0.0.1:$public \
   PUSHNODE__SERVER__INTERNAL_ADDR=127.0.0.1:$internal \
   PUSHNODE__SERVER__NODE_ID=node$i \

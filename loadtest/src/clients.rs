@@ -33,6 +33,28 @@ struct Envelope {
     data: Stamp,
 }
 
+/// A Pusher event frame: `data` is a string holding the stamp.
+#[derive(Debug, Deserialize)]
+struct PusherEvent {
+    event: String,
+    #[serde(default)]
+    data: Option<String>,
+}
+
+/// The stamp of a Pusher event frame; `None` for other frames.
+fn pusher_stamp(text: &str) -> Option<Stamp> {
+    let frame: PusherEvent = serde_json::from_str(text).ok()?;
+    if frame.event.starts_with("pusher") {
+        return None;
+    }
+    serde_json::from_str(frame.data.as_deref()?).ok()
+}
+
+/// The user channel of user `lt<index>` (what `sendToUser` publishes on).
+pub fn pusher_user_channel(index: usize) -> String {
+    format!("{}lt{index}", pushnode::protocol::pusher::USER_CHANNEL_PREFIX)
+}
+
 pub fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
@@ -218,6 +240,10 @@ impl Fleet {
 
     fn url(&self, conn: &Conn) -> (SocketAddr, String) {
         let (addr, base) = &self.inner.targets[conn.index % self.inner.targets.len()];
+        if self.inner.args.format == Format::Pusher {
+            let key = &self.inner.args.pusher_key;
+            return (*addr, format!("ws://{addr}/app/{key}?protocol=7&client=js&version=8.6.0"));
+        }
         let user = format!("lt{}", self.user_index(conn.index));
         let auth = match &self.inner.auth {
             Some(auth) => {
@@ -228,7 +254,7 @@ impl Fleet {
         };
         let format = match self.inner.args.format {
             Format::Raw => "raw",
-            Format::Json => "json",
+            Format::Json | Format::Pusher => "json",
         };
         (*addr, format!("{base}?{auth}&format={format}"))
     }
@@ -257,6 +283,11 @@ impl Fleet {
                 }
             }
         }
+        if self.inner.args.format == Format::Pusher {
+            self.pusher_start(conn, &mut ws).await?;
+            let _ = self.inner.handshake.lock().expect("poisoned").record(started.elapsed().as_micros().max(1) as u64);
+            return Ok(ws);
+        }
         let _ = self.inner.handshake.lock().expect("poisoned").record(started.elapsed().as_micros().max(1) as u64);
         if self.inner.args.scenario == Scenario::Broadcast {
             ws.send(Message::text(r#"{"type":"subscribe","channel":"all"}"#)).await?;
@@ -270,6 +301,50 @@ impl Fleet {
             }
         }
         Ok(ws)
+    }
+
+    /// A Pusher connection's start: the socket id, then a signin as the connection's user (its
+    /// `sendToUser` channel), or the public channel `all` for broadcasts; open once confirmed.
+    async fn pusher_start(
+        &self,
+        conn: &Conn,
+        ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    ) -> anyhow::Result<()> {
+        use pushnode::protocol::pusher::{sign, signin_message};
+        let socket_id = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.contains("pusher:connection_established") => {
+                    let frame: PusherEvent = serde_json::from_str(&t)?;
+                    let data: serde_json::Value = serde_json::from_str(frame.data.as_deref().unwrap_or("{}"))?;
+                    break data["socket_id"].as_str().context("no socket_id")?.to_owned();
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("closed before connection_established"),
+            }
+        };
+        let (request, confirmation) = if self.inner.args.scenario == Scenario::Broadcast {
+            (serde_json::json!({"event": "pusher:subscribe", "data": {"channel": "all"}}), "subscription_succeeded")
+        } else {
+            let args = &self.inner.args;
+            let user_data = serde_json::json!({ "id": format!("lt{}", self.user_index(conn.index)) }).to_string();
+            let auth =
+                format!("{}:{}", args.pusher_key, sign(&args.pusher_secret, &signin_message(&socket_id, &user_data)));
+            (
+                serde_json::json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}),
+                "pusher:signin_success",
+            )
+        };
+        ws.send(Message::text(request.to_string())).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.contains(confirmation) => return Ok(()),
+                Some(Ok(Message::Text(t))) if t.contains("pusher:error") => bail!("refused: {t}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("closed before {confirmation}"),
+            }
+        }
     }
 
     /// One connection's life: connect, read until told otherwise, reconnect on churn.
@@ -342,6 +417,14 @@ impl Fleet {
             let stamp = match self.inner.args.format {
                 Format::Raw => serde_json::from_str::<Stamp>(&text).ok(),
                 Format::Json => serde_json::from_str::<Envelope>(&text).ok().map(|e| e.data),
+                Format::Pusher => {
+                    // The node's heartbeat: answer as pusher-js does.
+                    if text.contains(r#""event":"pusher:ping""#) {
+                        let _ = ws.send(Message::text(r#"{"event":"pusher:pong","data":{}}"#)).await;
+                        continue;
+                    }
+                    pusher_stamp(&text)
+                }
             };
             let Some(stamp) = stamp else { continue };
             let stats = &self.inner.stats;

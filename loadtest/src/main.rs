@@ -62,6 +62,10 @@ pub enum Format {
     /// pushnode's frames: a connection counts as open at its welcome (token checked, Redis
     /// subscription confirmed, inbox state read and replayed), notifications are envelopes.
     Json,
+    /// The Pusher protocol at `/app/<key>`: a connection counts as open once signed in as its
+    /// user (unicast, idle) or subscribed to the public channel `all` (broadcast); messages
+    /// are Pusher events on `#server-to-user-<user>` or `all`.
+    Pusher,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -141,6 +145,13 @@ pub struct RunArgs {
     /// several generators share the nodes (defaults to this generator's --connections).
     #[arg(long)]
     pub total_connections: Option<usize>,
+    /// --format pusher: the app's id, key and secret (signins, and API publishes).
+    #[arg(long, default_value = "1")]
+    pub pusher_app_id: String,
+    #[arg(long, default_value = "loadtest-key")]
+    pub pusher_key: String,
+    #[arg(long, default_value = "loadtest-pusher-secret", hide_default_value = true)]
+    pub pusher_secret: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,7 +159,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Floor(args) => floor::run(&args),
         Command::Run(args) => {
-            if args.scenario == Scenario::Broadcast && args.jwt_secret.is_none() {
+            if args.scenario == Scenario::Broadcast && args.jwt_secret.is_none() && args.format != Format::Pusher {
                 bail!("broadcast needs --jwt-secret: topic channels are granted by the token");
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

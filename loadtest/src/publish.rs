@@ -81,9 +81,20 @@ struct Published {
 fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<Published> {
     let mut sink = Sink::open(args)?;
     let broadcast = args.scenario == Scenario::Broadcast;
-    let topic = args.topic_channel.replace("{topic}", "all");
-    let channels: Vec<String> =
-        (0..fleet.len()).map(|i| args.user_channel.replace("{user}", &format!("lt{}", fleet.user_index(i)))).collect();
+    let pusher = args.format == crate::Format::Pusher;
+    // Pusher sessions listen on their app's broker channels (non-cluster names).
+    let pusher_channel = |name: &str| format!("pusher:{}:{name}", args.pusher_app_id);
+    let topic = if pusher { pusher_channel("all") } else { args.topic_channel.replace("{topic}", "all") };
+    let channels: Vec<String> = (0..fleet.len())
+        .map(|i| {
+            let user = fleet.user_index(i);
+            if pusher {
+                pusher_channel(&crate::clients::pusher_user_channel(user))
+            } else {
+                args.user_channel.replace("{user}", &format!("lt{user}"))
+            }
+        })
+        .collect();
     // Unicast goes to the healthy clients only (slow ones are written off on purpose).
     let targets = fleet.healthy();
     anyhow::ensure!(!targets.is_empty(), "no connected client to publish to");

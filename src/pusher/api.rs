@@ -399,6 +399,16 @@ async fn signed_body(node: &Node, app_id: &str, req: Request) -> Result<(std::sy
     Ok((app, body))
 }
 
+/// The signed query of a request as Pusher server SDKs make it (for clients of this API: the
+/// load generator, scripts): `auth_key`, `auth_timestamp`, `auth_version`, `body_md5` and
+/// `auth_signature`.
+pub fn signed_query(key: &str, secret: &str, method: &str, path: &str, body: &[u8], timestamp: u64) -> String {
+    let md5 = hex::encode(Md5::digest(body));
+    let query = format!("auth_key={key}&auth_timestamp={timestamp}&auth_version=1.0&body_md5={md5}");
+    let signature = pusher::sign(secret, &format!("{method}\n{path}\n{query}"));
+    format!("{query}&auth_signature={signature}")
+}
+
 fn is_json(req: &Request) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
@@ -480,6 +490,11 @@ mod tests {
         let body = br#"{"name":"e","channel":"c","data":"{}"}"#;
         let now = 1_700_000_000;
         let query = signed_query(&app, "POST", "/apps/3/events", body, now);
+        // The public signer (for the load generator) signs the same way.
+        assert_eq!(
+            super::signed_query(&app.settings.key, &app.settings.secret, "POST", "/apps/3/events", body, now),
+            query
+        );
         assert!(verify_request(&app, "POST", "/apps/3/events", &query, body, now).is_ok());
         assert!(verify_request(&app, "POST", "/apps/3/events", &query, body, now + 600).is_ok());
 

@@ -26,6 +26,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "pushnode.fullname" .) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "pushnode.pusherSecretName" -}}
+{{- default (include "pushnode.fullname" .) .Values.pusher.existingSecret -}}
+{{- end -}}
+
+{{/*
+Whether the native auth secrets are wired: always without Pusher apps (the Secret template
+then insists on them), and with apps only when some auth value is given.
+*/}}
+{{- define "pushnode.authEnabled" -}}
+{{- if or (empty .Values.pusher.apps) .Values.auth.existingSecret .Values.auth.jwtSecret .Values.auth.apiKeys -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "pushnode.redisSecretName" -}}
 {{- default (include "pushnode.fullname" .) .Values.redis.existingSecret -}}
 {{- end -}}
