@@ -11,6 +11,7 @@
 #   loadtest/run.sh floor
 #
 # Scenarios: idle unicast broadcast storm churn slow resubscribe (see pushnode-loadtest --help).
+# NO_BUILD=1 skips the release build (when target/release is known to be current).
 # Everything listens and connects on 127.0.0.0/8 only, and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ generators=${GENERATORS:-1}
 secret=${SECRET:-loadtest-secret-loadtest-secret-0123}
 api_key=loadtest-api-key-0123456789
 
-cargo build --release --quiet -p pushnode -p pushnode-loadtest
+[[ -n ${NO_BUILD:-} ]] || cargo build --release --quiet -p pushnode -p pushnode-loadtest
 bin=target/release
 out="loadtest/results/$(date +%Y%m%dT%H%M%S)-$scenario"
 mkdir -p "$out"

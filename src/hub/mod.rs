@@ -71,6 +71,9 @@ struct Channel {
     members: Members,
     /// The broker confirmed its subscription (always true without interest tracking).
     live: bool,
+    /// The format of the session that opened it: a channel is a Pusher channel or a native
+    /// one, and its deliveries build that format's frame first.
+    format: Format,
 }
 
 /// Result of one fan-out.
@@ -218,13 +221,13 @@ impl Hub {
     }
 
     /// The topic name and local session count of every channel whose broker channel starts
-    /// with `prefix` (a Pusher app's channels).
-    pub fn topic_sizes(&self, prefix: &str) -> Vec<(Arc<str>, usize)> {
+    /// with `prefix` (a Pusher app's channels) and whose topic name is `wanted`.
+    pub fn topic_sizes(&self, prefix: &str, wanted: impl Fn(&str) -> bool) -> Vec<(Arc<str>, usize)> {
         self.inner
             .channels
             .iter()
             .filter(|e| e.key().starts_with(prefix))
-            .filter_map(|e| e.topic.clone().map(|topic| (topic, e.members.len())))
+            .filter_map(|e| e.topic.clone().filter(|t| wanted(t)).map(|topic| (topic, e.members.len())))
             .collect()
     }
 
@@ -235,6 +238,7 @@ impl Hub {
                 topic: topic.cloned(),
                 members: Members::default(),
                 live: self.inner.subscriptions.live_on_join(),
+                format: session.format,
             });
             entry.members.insert(session.clone());
             entry.members.len() == 1
@@ -265,7 +269,7 @@ impl Hub {
         let Some(entry) = self.inner.channels.get(channel) else {
             return Fanout::default();
         };
-        let delivery = Delivery::decode(payload, entry.topic.as_ref());
+        let delivery = Delivery::decode_for(payload, entry.topic.as_ref(), entry.format);
         if delivery.terminate {
             // The application ended these connections (a signed-in Pusher user's).
             for session in entry.members.iter() {
@@ -340,6 +344,11 @@ impl Registration {
     pub fn join_topic(&mut self, channel: Arc<str>, topic: Arc<str>) {
         if !self.has_topic(&topic) {
             self.hub.join(&channel, Some(&topic), &self.session);
+            // One topic is the common case (a Pusher socket's user channel): a first push
+            // would reserve four entries. Later ones grow as usual.
+            if self.topics.capacity() == 0 {
+                self.topics.reserve_exact(1);
+            }
             self.topics.push((channel, topic));
         }
     }

@@ -225,6 +225,8 @@ pub struct Delivery {
     topic: Option<Arc<str>>,
     /// An envelope whose `data` fails [`json::check`]: JSON sessions do not get it.
     invalid: bool,
+    /// One of our envelopes (its frames are built from `payload` when not built at decode).
+    envelope: bool,
 }
 
 /// Whether the payload looks like one of ours: envelopes and unread updates are written with
@@ -243,7 +245,15 @@ impl Delivery {
     /// Decodes a broker payload. `topic` is the topic name when the channel is a topic channel
     /// (it goes into the frame's `channel` field), `None` for a user channel.
     pub fn decode(payload: &Bytes, topic: Option<&Arc<str>>) -> Self {
+        Self::decode_for(payload, topic, Format::Json)
+    }
+
+    /// As [`Delivery::decode`], building at once the frame for `format`, the one the channel's
+    /// sessions speak (a Pusher channel's, or a native one's): an envelope is parsed once and
+    /// the frame made from it, the other formats' frames only if a session asks.
+    pub fn decode_for(payload: &Bytes, topic: Option<&Arc<str>>, format: Format) -> Self {
         let json = OnceCell::new();
+        let pusher_frame = OnceCell::new();
         let topic = topic.cloned();
         if starts_like_ours(payload) {
             if let Ok(env) = serde_json::from_slice::<Envelope<'_>>(payload)
@@ -264,16 +274,14 @@ impl Delivery {
                         payload: Bytes::new(),
                         topic,
                         invalid: true,
+                        envelope: true,
                     };
                 }
-                let _ = json.set(
-                    Notification {
-                        persisted: env.persisted,
-                        unread: env.unread,
-                        ..Notification::new(&env.id, topic.as_deref(), env.event.as_deref(), env.data, env.ts)
-                    }
-                    .encode(),
-                );
+                if format == Format::Pusher {
+                    let _ = pusher_frame.set(envelope_pusher_frame(&env, topic.as_deref()));
+                } else {
+                    let _ = json.set(envelope_json(&env, topic.as_deref()));
+                }
                 // The raw form is the published `data`, byte for byte.
                 let persisted = if env.persisted { env.id.parse().ok() } else { None };
                 return Self {
@@ -281,13 +289,14 @@ impl Delivery {
                     persisted,
                     json,
                     raw: Some(raw),
-                    pusher: OnceCell::new(),
+                    pusher: pusher_frame,
                     except,
                     terminate,
-                    // Kept for the Pusher frame, built only if a Pusher session wants it.
+                    // Kept for the frames not built above, built if a session wants them.
                     payload: payload.clone(),
                     topic,
                     invalid: false,
+                    envelope: true,
                 };
             }
             if let Ok(update) = serde_json::from_slice::<UnreadUpdate>(payload) {
@@ -303,6 +312,7 @@ impl Delivery {
                     payload: Bytes::new(),
                     topic,
                     invalid: false,
+                    envelope: false,
                 };
             }
         }
@@ -317,6 +327,7 @@ impl Delivery {
             payload: payload.clone(),
             topic,
             invalid: false,
+            envelope: false,
         }
     }
 
@@ -331,7 +342,10 @@ impl Delivery {
     pub fn frame(&self, format: Format, fallback_id: &dyn Fn() -> String) -> Option<&WireFrame> {
         match format {
             Format::Json if self.invalid => None,
-            Format::Json => Some(self.json.get_or_init(|| self.foreign_json(&fallback_id()))),
+            Format::Json => Some(self.json.get_or_init(|| match self.parsed() {
+                Some(env) => envelope_json(&env, self.topic.as_deref()),
+                None => self.foreign_json(&fallback_id()),
+            })),
             Format::Raw => self.raw.as_ref(),
             Format::Pusher if self.invalid => None,
             Format::Pusher => self.pusher.get_or_init(|| self.pusher_frame()).as_ref(),
@@ -342,13 +356,20 @@ impl Delivery {
     /// channel's Pusher name. Payloads without an event name are not Pusher events: `None`.
     fn pusher_frame(&self) -> Option<WireFrame> {
         let channel = self.topic.as_deref()?;
-        if starts_like_ours(&self.payload) {
-            let env = serde_json::from_slice::<Envelope<'_>>(&self.payload).ok()?;
-            return Some(pusher::event_frame(env.event.as_deref()?, channel, env.data, env.user_id));
+        if self.envelope {
+            return envelope_pusher_frame(&self.parsed()?, Some(channel));
         }
         let laravel = serde_json::from_slice::<LaravelBroadcast<'_>>(&self.payload).ok()?;
         json::check(laravel.data.get()).ok()?;
         Some(pusher::event_frame(&laravel.event, channel, laravel.data, None))
+    }
+
+    /// The envelope again, for a frame not built at decode.
+    fn parsed(&self) -> Option<Envelope<'_>> {
+        if !self.envelope {
+            return None;
+        }
+        serde_json::from_slice(&self.payload).ok()
     }
 
     /// The notification frame around a payload that is not ours.
@@ -377,6 +398,22 @@ impl Delivery {
         let data = RawValue::from_string(quoted).unwrap_or_else(|_| null_value());
         foreign(None, &data)
     }
+}
+
+/// The `notification` frame of an envelope.
+fn envelope_json(env: &Envelope<'_>, topic: Option<&str>) -> WireFrame {
+    Notification {
+        persisted: env.persisted,
+        unread: env.unread,
+        ..Notification::new(&env.id, topic, env.event.as_deref(), env.data, env.ts)
+    }
+    .encode()
+}
+
+/// The Pusher event frame of an envelope: only envelopes with an event name on a named
+/// channel are Pusher events.
+fn envelope_pusher_frame(env: &Envelope<'_>, channel: Option<&str>) -> Option<WireFrame> {
+    Some(pusher::event_frame(env.event.as_deref()?, channel?, env.data, env.user_id))
 }
 
 /// A replayed inbox notification, for JSON sessions.
@@ -450,6 +487,36 @@ mod tests {
         assert_eq!(
             (v["persisted"].as_bool(), v["unread"].as_u64(), v["time"].as_u64()),
             (Some(true), Some(3), Some(1764136800123))
+        );
+    }
+
+    #[test]
+    fn a_pusher_channels_delivery_builds_the_pusher_frame_first_and_the_others_on_demand() {
+        let payload =
+            Bytes::from_static(br#"{"pushnode":1,"id":"n1-7","event":"shipped","ts":5,"socket":"3.9","data":{"a":1}}"#);
+        let topic = Arc::from("private-orders");
+        let d = Delivery::decode_for(&payload, Some(&topic), Format::Pusher);
+        assert_eq!(d.except, Some((3, 9)));
+        assert_eq!(
+            d.frame(Format::Pusher, &|| unreachable!()),
+            Some(&WireFrame::text(r#"{"event":"shipped","channel":"private-orders","data":"{\"a\":1}"}"#.into()))
+        );
+        // A JSON session on the same channel (none do, but nothing breaks) gets the notification.
+        let v = json_of(&d);
+        assert_eq!(
+            (v["id"].as_str(), v["event"].as_str(), v["channel"].as_str()),
+            (Some("n1-7"), Some("shipped"), Some("private-orders"))
+        );
+        // Built either way round, the frames are the same.
+        let native = Delivery::decode_for(&payload, Some(&topic), Format::Json);
+        assert_eq!(native.frame(Format::Pusher, &|| unreachable!()), d.frame(Format::Pusher, &|| unreachable!()));
+        assert_eq!(json_of(&native), v);
+        // Without an event name an envelope is no Pusher event.
+        let nameless = Bytes::from_static(br#"{"pushnode":1,"id":"x","ts":5,"data":{}}"#);
+        assert!(
+            Delivery::decode_for(&nameless, Some(&topic), Format::Pusher)
+                .frame(Format::Pusher, &|| unreachable!())
+                .is_none()
         );
     }
 

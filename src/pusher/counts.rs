@@ -49,9 +49,9 @@ impl ChannelCounts {
     /// not channels an application lists).
     fn local(&self, app_id: &str) -> HashMap<Arc<str>, usize> {
         self.hub
-            .topic_sizes(&self.apps.broker_prefix(app_id))
+            .topic_sizes(&self.apps.broker_prefix(app_id), |name| !name.starts_with(USER_CHANNEL_PREFIX))
             .into_iter()
-            .filter(|(name, n)| *n > 0 && !name.starts_with(USER_CHANNEL_PREFIX))
+            .filter(|(_, n)| *n > 0)
             .collect()
     }
 

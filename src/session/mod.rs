@@ -164,7 +164,9 @@ where
 /// gives up; 4100 over capacity: it retries after a back-off).
 pub async fn refuse_pusher<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, reason: CloseReason) {
     metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
-    close(&mut ws, reason, Format::Pusher).await;
+    // Boxed: the connection task holds this future or a session's, whichever is larger, for
+    // the connection's whole life, and the close (its linger buffer) is larger than a session.
+    Box::pin(close(&mut ws, reason, Format::Pusher)).await;
 }
 
 fn start<S>(
@@ -184,10 +186,7 @@ where
         format,
         Outbox::new(ctx.outbox_capacity),
     ));
-    let pusher = app.map(|app| {
-        let socket_id = crate::protocol::pusher::socket_id(ctx.hub.socket_node(), local.id);
-        Box::new(PusherSession::new(app, socket_id))
-    });
+    let pusher = app.map(|app| Box::new(PusherSession::new(app)));
     let span = info_span!("session", id = local.id, user = %identity.user);
     // Registered here, before the task first runs: the guard is in the hub's books from now
     // on, and whatever becomes of the task (it ends, panics, or is dropped unpolled) dropping

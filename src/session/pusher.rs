@@ -48,23 +48,17 @@ const MAX_USER_INFO_BYTES: usize = 1024;
 #[derive(Debug)]
 pub(super) struct PusherSession {
     pub(super) app: AppSlot,
-    pub(super) socket_id: Arc<str>,
     client_events: TokenBucket,
     /// Presence channels joined: the seat, and the user id (JSON) the socket joined as.
     seats: Vec<(Seat, Arc<str>)>,
-    /// The signed-in user's channel (`#server-to-user-<id>`), once signed in.
-    user_channel: Option<String>,
+    /// The signed-in user's channel (`#server-to-user-<id>`), once signed in: the same string
+    /// as the registration's topic name.
+    user_channel: Option<Arc<str>>,
 }
 
 impl PusherSession {
-    pub(super) fn new(app: AppSlot, socket_id: String) -> Self {
-        Self {
-            app,
-            socket_id: socket_id.into(),
-            client_events: TokenBucket::new(),
-            seats: Vec::new(),
-            user_channel: None,
-        }
+    pub(super) fn new(app: AppSlot) -> Self {
+        Self { app, client_events: TokenBucket::new(), seats: Vec::new(), user_channel: None }
     }
 
     fn seat(&self, channel: &str) -> Option<&(Seat, Arc<str>)> {
@@ -76,13 +70,19 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// This socket's id, `<node>.<session>` (made when needed rather than kept: every idle
+    /// connection would pay for the string).
+    fn socket_id(&self) -> String {
+        pusher::socket_id(self.ctx.hub.socket_node(), self.registration.id)
+    }
+
     fn pusher(&self) -> &PusherSession {
         // Only called on Pusher sessions, which always have it.
         self.pusher.as_deref().unwrap_or_else(|| unreachable!("a Pusher session without its Pusher state"))
     }
 
     pub(super) async fn connection_established(&mut self) -> Result<(), CloseReason> {
-        let frame = pusher::connection_established(&self.pusher().socket_id, self.ctx.apps.activity_timeout);
+        let frame = pusher::connection_established(&self.socket_id(), self.ctx.apps.activity_timeout);
         self.write(Message::Text(frame.into())).await
     }
 
@@ -148,7 +148,7 @@ where
         };
         if class.needs_auth() {
             let app = &self.pusher().app.settings;
-            let message = pusher::auth_message(&self.pusher().socket_id, &channel, channel_data.as_deref());
+            let message = pusher::auth_message(&self.socket_id(), &channel, channel_data.as_deref());
             let signed = auth.as_deref().is_some_and(|auth| pusher::check_auth(&app.key, &app.secret, auth, &message));
             if !signed {
                 metrics::counter!(m::CLIENT_ERRORS, "code" => "pusher_auth").increment(1);
@@ -179,7 +179,7 @@ where
             broker_channel,
         };
         let user_id: Arc<str> = user_id.into();
-        let socket = self.pusher().socket_id.clone();
+        let socket: Arc<str> = self.socket_id().into();
         match self.ctx.presence.join(channel_ref, user_id.clone(), user_info.into(), socket).await {
             Ok((seat, members)) => {
                 if let Some(pusher) = self.pusher.as_deref_mut() {
@@ -294,7 +294,7 @@ where
     /// connection with 4009, as Pusher does.
     async fn signin(&mut self, auth: &str, user_data: &str) -> Result<(), CloseReason> {
         let app = &self.pusher().app.settings;
-        let message = pusher::signin_message(&self.pusher().socket_id, user_data);
+        let message = pusher::signin_message(&self.socket_id(), user_data);
         if !pusher::check_auth(&app.key, &app.secret, auth, &message) {
             metrics::counter!(m::CLIENT_ERRORS, "code" => "pusher_signin").increment(1);
             return Err(CloseReason::Unauthorized);
@@ -303,7 +303,7 @@ where
             Ok(user) => user,
             Err(e) => return self.pusher_error(None, &e.to_string()).await,
         };
-        let channel = format!("{}{user}", pusher::USER_CHANNEL_PREFIX);
+        let channel: Arc<str> = format!("{}{user}", pusher::USER_CHANNEL_PREFIX).into();
         if let Some(previous) = self.pusher().user_channel.clone()
             && previous != channel
         {
@@ -311,7 +311,7 @@ where
         }
         if !self.registration.has_topic(&channel) {
             let broker_channel = self.ctx.apps.broker_channel(&self.pusher().app.settings.id, &channel);
-            self.registration.join_topic(broker_channel.clone(), channel.as_str().into());
+            self.registration.join_topic(broker_channel.clone(), channel.clone());
             self.ctx.hub.wait_live(&broker_channel, self.ctx.subscribe_wait).await;
         }
         if let Some(pusher) = self.pusher.as_deref_mut() {
@@ -349,7 +349,8 @@ where
         // On a presence channel, the other members learn who sent it.
         let user_id = self.pusher().seat(&channel).and_then(|(_, user)| RawValue::from_string(user.to_string()).ok());
         let mut envelope = Envelope::new(&id, Some(&event), &data);
-        envelope.socket = Some(self.pusher().socket_id.as_ref().into());
+        let socket_id = self.socket_id();
+        envelope.socket = Some(socket_id.as_str().into());
         envelope.user_id = user_id.as_deref();
         let broker_channel = self.ctx.apps.broker_channel(&self.pusher().app.settings.id, &channel);
         if let Err(e) = self.ctx.broker.publish(&broker_channel, envelope.encode()).await {
