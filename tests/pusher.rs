@@ -229,6 +229,36 @@ async fn laravel_notifications_wait_in_the_memory_inbox_on_a_single_node() {
     node.stop().await;
 }
 
+/// On a Redis Cluster: channels travel on hash-tagged broker channels (`pusher:{<app>:<channel>}`,
+/// sharded pub/sub), and presence and counts run as Redis functions on one slot per channel
+/// and per app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_channels_presence_and_counts_work_on_a_redis_cluster() {
+    let cluster = common::redis::RedisCluster::start();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let node = TestNode::with(|s| {
+            common::on_cluster(s, &cluster.nodes());
+            with_app(s);
+        })
+        .await;
+        node.wait_ready(200).await;
+        nodes.push(node);
+    }
+    // One socket's subscription shows as a sharded subscription on the channel's hash tag.
+    let (mut client, _) = established(&nodes[0]).await;
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "tagged"}})).await;
+    event(&mut client, "pusher_internal:subscription_succeeded").await;
+    assert_eq!(cluster.shard_numsub(&format!("pusher:{{{APP_ID}:tagged}}")), 1);
+    drop(client);
+    for name in ["channel_queries", "presence_across_nodes", "public_across_nodes", "send_to_user"] {
+        scenario(name, &[&nodes[0], &nodes[1]]).await;
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
 /// A `pushnode serve` child, killed when dropped (a failing test must not leave it running).
 struct Child(std::process::Child);
 
