@@ -367,6 +367,7 @@ async fn read(State(node): State<Node>, Path(user): Path<String>, req: Request) 
             ScopeError::NotOne => ApiError::field("ids", e.to_string()),
         })?;
     let unread = node.inbox().mark_read(&user, &scope).await.map_err(unavailable)?;
+    node.webhooks().emit("native", crate::webhooks::read_event(&user, &scope, unread)).await;
     Ok(Json(json!({ "unread": unread })))
 }
 

@@ -28,6 +28,7 @@ pub mod redis_link;
 pub mod server;
 pub mod session;
 pub mod settings;
+pub mod webhooks;
 
 pub use server::{Listeners, run};
 pub use settings::Settings;

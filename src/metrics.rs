@@ -39,6 +39,12 @@ pub const HTTP_CONNECTIONS_DROPPED: &str = "pushnode_http_connections_dropped_to
 pub const ACCEPT_ERRORS: &str = "pushnode_accept_errors_total";
 pub const PUSHER_CONNECTIONS: &str = "pushnode_pusher_connections";
 pub const PRESENCE_ERRORS: &str = "pushnode_presence_errors_total";
+pub const WEBHOOKS_SENT: &str = "pushnode_webhooks_sent_total";
+pub const WEBHOOKS_FAILED: &str = "pushnode_webhooks_failed_total";
+pub const WEBHOOKS_RETRIED: &str = "pushnode_webhooks_retried_total";
+pub const WEBHOOKS_DROPPED: &str = "pushnode_webhooks_dropped_total";
+pub const WEBHOOKS_QUEUE: &str = "pushnode_webhooks_queue";
+pub const WEBHOOKS_LATENCY: &str = "pushnode_webhooks_latency_seconds";
 
 /// Latency buckets from 100 µs to 10 s, roughly three per decade.
 const LATENCY_BUCKETS: &[f64] =
@@ -173,6 +179,15 @@ fn describe() {
         PUSHER_CONNECTIONS,
         "Pusher protocol sessions open on this node, by app id (part of pushnode_connections)"
     );
+    describe_counter!(WEBHOOKS_SENT, "Webhook events delivered (2xx)");
+    describe_counter!(WEBHOOKS_FAILED, "Webhook calls that failed, by reason (status, redirect, timeout, connect)");
+    describe_counter!(WEBHOOKS_RETRIED, "Webhook events put back for a later try");
+    describe_counter!(
+        WEBHOOKS_DROPPED,
+        "Webhook events given up, by reason (queue_full, expired after webhooks.retry_for, unavailable, unknown_endpoint)"
+    );
+    describe_gauge!(WEBHOOKS_QUEUE, "Webhook events waiting in the shared queue (sampled by each node's sender)");
+    describe_histogram!(WEBHOOKS_LATENCY, Unit::Seconds, "From an event to the 2xx of the call that carried it");
     describe_counter!(
         PRESENCE_ERRORS,
         "Presence changes, syncs or member events that did not reach Redis (repaired by the next sync)"

@@ -18,6 +18,7 @@ use crate::pusher::Apps;
 use crate::pusher::counts::ChannelCounts;
 use crate::session::SessionContext;
 use crate::settings::Settings;
+use crate::webhooks::Webhooks;
 
 #[derive(Clone, Debug)]
 pub struct Node {
@@ -35,6 +36,7 @@ struct Inner {
     apps: Apps,
     presence: Presence,
     counts: ChannelCounts,
+    webhooks: Webhooks,
     session_context: Arc<SessionContext>,
     metrics: PrometheusHandle,
     tracker: TaskTracker,
@@ -92,6 +94,7 @@ pub struct Parts {
     pub apps: Apps,
     pub presence: Presence,
     pub counts: ChannelCounts,
+    pub webhooks: Webhooks,
     pub session_context: Arc<SessionContext>,
     pub metrics: PrometheusHandle,
     pub tracker: TaskTracker,
@@ -111,6 +114,7 @@ impl Node {
             apps,
             presence,
             counts,
+            webhooks,
             session_context,
             metrics,
             tracker,
@@ -127,6 +131,7 @@ impl Node {
                 apps,
                 presence,
                 counts,
+                webhooks,
                 session_context,
                 metrics,
                 tracker,
@@ -170,6 +175,10 @@ impl Node {
     /// Subscription counts of Pusher channels, cluster-wide.
     pub fn counts(&self) -> &ChannelCounts {
         &self.inner.counts
+    }
+
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.inner.webhooks
     }
 
     pub fn session_context(&self) -> &Arc<SessionContext> {

@@ -33,8 +33,9 @@ use crate::protocol::CloseReason;
 use crate::pusher::Apps;
 use crate::pusher::counts::ChannelCounts;
 use crate::redis_link::RedisLink;
-use crate::session::SessionContext;
+use crate::session::{Services, SessionContext};
 use crate::settings::Settings;
+use crate::webhooks::{self, Webhooks};
 use crate::{acceptor, api, gateway, metrics};
 
 /// The two bound sockets of a node. Tests bind port 0 and read the addresses back.
@@ -109,16 +110,29 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         warn!("demo.enabled is on: /demo/token mints tokens for any user (loopback only)");
     }
     let apps = Apps::new(&settings.pusher, cluster);
-    let presence = Presence::new(
-        node_id.clone(),
-        link.clone(),
-        broker.clone(),
-        settings.pusher.presence_ttl,
-        settings.pusher.max_presence_members,
-    );
+    let webhooks = Webhooks::new(&settings, link.clone());
+    if webhooks.is_enabled() {
+        tracker.spawn(webhooks.clone().run(stop.clone()));
+        if let Some(link) = &link {
+            tracker.spawn(link.clone().keep_library_loaded("pushnode_webhooks", webhooks::LIBRARY, stop.clone()));
+        }
+    }
+    let tracked = |kind| {
+        Presence::new(
+            kind,
+            node_id.clone(),
+            link.clone(),
+            broker.clone(),
+            webhooks.clone(),
+            settings.pusher.presence_ttl,
+            settings.pusher.max_presence_members,
+        )
+    };
+    let (presence, occupancy) = (tracked(presence::Kind::Presence), tracked(presence::Kind::Occupancy));
     let counts = ChannelCounts::new(hub.clone(), apps.clone(), node_id.clone(), link.clone());
     if !settings.pusher.apps.is_empty() {
         tracker.spawn(presence.clone().run(stop.clone()));
+        tracker.spawn(occupancy.clone().run(stop.clone()));
         tracker.spawn(counts.clone().run(stop.clone()));
         if let Some(link) = &link {
             tracker.spawn(link.clone().keep_library_loaded("pushnode_presence", presence::LIBRARY, stop.clone()));
@@ -131,9 +145,13 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         hub.clone(),
         names.clone(),
         Some(inbox.clone()),
-        apps.clone(),
-        broker.clone(),
-        presence.clone(),
+        Services {
+            apps: apps.clone(),
+            broker: broker.clone(),
+            presence: presence.clone(),
+            occupancy,
+            webhooks: webhooks.clone(),
+        },
     ));
     tracker.spawn(heartbeat::sweep(
         hub.clone(),
@@ -151,6 +169,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         apps,
         presence,
         counts,
+        webhooks,
         session_context,
         metrics,
         tracker: tracker.clone(),

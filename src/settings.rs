@@ -39,6 +39,7 @@ pub struct Settings {
     pub broker: Broker,
     pub inbox: Inbox,
     pub pusher: Pusher,
+    pub webhooks: Webhooks,
     pub demo: Demo,
     pub log: Log,
 }
@@ -475,6 +476,61 @@ impl std::fmt::Debug for PusherApp {
     }
 }
 
+/// Webhooks: signed HTTP calls to the application when something happens (docs/webhooks.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Webhooks {
+    /// Where events go: `[[webhooks.endpoints]]` with `app` (a Pusher app id, or `native`),
+    /// `url`, and optionally `events` (names; empty: all) and `channel_prefix`.
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// Events are gathered this long before a call, so one call carries several.
+    #[serde(with = "humantime_serde")]
+    pub batch_window: Duration,
+    /// A call that has not answered in this long has failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A failing event is retried (1 s, 2 s, 4 s … at most a minute apart) for this long after
+    /// it happened, then dropped and counted.
+    #[serde(with = "humantime_serde")]
+    pub retry_for: Duration,
+    /// Most events waiting (in Redis, or in memory without it); beyond, new ones are dropped
+    /// and counted.
+    pub max_queue: usize,
+    /// Signs the webhooks of `native` endpoints (`X-Pusher-Signature`), at least 8 bytes.
+    pub native_secret: String,
+    /// Sent as `X-Pusher-Key` by `native` endpoints.
+    pub native_key: String,
+}
+
+impl Default for Webhooks {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            batch_window: Duration::from_millis(250),
+            timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(600),
+            max_queue: 100_000,
+            native_secret: String::new(),
+            native_key: "pushnode".into(),
+        }
+    }
+}
+
+/// One webhook endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    /// A Pusher app id (its key and secret sign the calls), or `native`.
+    pub app: String,
+    pub url: String,
+    /// Event names to send; empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Only events of channels starting with this (events without a channel always pass).
+    #[serde(default)]
+    pub channel_prefix: String,
+}
+
 /// Shortest Pusher app secret accepted.
 pub const MIN_PUSHER_SECRET_LEN: usize = 8;
 
@@ -728,8 +784,52 @@ impl Settings {
             return Err(invalid("inbox.key_prefix", "must not contain braces (the user id is the hash tag)"));
         }
         self.validate_pusher()?;
+        self.validate_webhooks()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
             return Err(invalid("log.filter", format!("{:?} is not a valid filter", self.log.filter)));
+        }
+        Ok(())
+    }
+
+    fn validate_webhooks(&self) -> Result<(), SettingsError> {
+        const EVENTS: &[&str] = &[
+            "channel_occupied",
+            "channel_vacated",
+            "member_added",
+            "member_removed",
+            "client_event",
+            "notifications_read",
+        ];
+        let w = &self.webhooks;
+        for endpoint in &w.endpoints {
+            let known_app = endpoint.app == "native" || self.pusher.apps.iter().any(|a| a.id == endpoint.app);
+            if !known_app {
+                return Err(invalid(
+                    "webhooks.endpoints.app",
+                    format!("{:?} is neither native nor a pusher.apps id", endpoint.app),
+                ));
+            }
+            match url::Url::parse(&endpoint.url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err(invalid("webhooks.endpoints.url", format!("{:?} is not an http(s) URL", endpoint.url)));
+                }
+            }
+            if let Some(unknown) = endpoint.events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
+                return Err(invalid(
+                    "webhooks.endpoints.events",
+                    format!("unknown event {unknown:?}; one of {EVENTS:?}"),
+                ));
+            }
+            if endpoint.app == "native" && w.native_secret.len() < MIN_PUSHER_SECRET_LEN {
+                return Err(invalid(
+                    "webhooks.native_secret",
+                    format!("native endpoints need a secret of at least {MIN_PUSHER_SECRET_LEN} bytes"),
+                ));
+            }
+        }
+        if w.timeout.is_zero() || w.batch_window.is_zero() || w.max_queue == 0 {
+            return Err(invalid("webhooks.timeout", "timeout, batch_window and max_queue must be above zero"));
         }
         Ok(())
     }
@@ -792,6 +892,7 @@ impl Settings {
         for app in &mut copy.pusher.apps {
             app.secret = redact_secret(&app.secret).to_owned();
         }
+        copy.webhooks.native_secret = redact_secret(&copy.webhooks.native_secret).to_owned();
         toml::to_string(&copy).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 }

@@ -13,29 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::pusher::*;
 use common::redis::RedisServer;
 use common::{Client, TestNode, WAIT, eventually, on_redis};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use md5::{Digest, Md5};
-use pushnode::Settings;
 use pushnode::protocol::pusher::sign;
-use pushnode::settings::PusherApp;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-const APP_ID: &str = "1001";
-const KEY: &str = "app-key-1001";
-const APP_SECRET: &str = "app-secret-1001-0123";
-
-fn with_app(s: &mut Settings) {
-    s.pusher.apps = vec![PusherApp {
-        id: APP_ID.into(),
-        key: KEY.into(),
-        secret: APP_SECRET.into(),
-        enable_client_messages: true,
-        max_connections: 0,
-    }];
-}
 
 /// The scripts' folder, or `None` (outside CI) when Node or the packages are missing.
 fn scripts() -> Option<PathBuf> {
@@ -365,52 +350,6 @@ async fn a_killed_nodes_presence_members_are_announced_gone_within_the_ttl() {
 }
 
 // ---- The protocol in detail, with a plain WebSocket client ----
-
-async fn pusher_client(node: &TestNode, key: &str) -> Client {
-    Client::connect(&format!("ws://{}/app/{key}?protocol=7&client=js&version=8.6.0", node.public)).await.unwrap()
-}
-
-/// Reads frames until one with `event`; returns it with `data` parsed when it is a string.
-async fn event(client: &mut Client, event: &str) -> Value {
-    loop {
-        let mut frame = client.next_json().await;
-        if frame["event"] == event {
-            if let Some(text) = frame["data"].as_str()
-                && let Ok(data) = serde_json::from_str::<Value>(text)
-            {
-                frame["data"] = data;
-            }
-            return frame;
-        }
-    }
-}
-
-/// Asserts that no event but the node's own `pusher:ping` arrives within `quiet`.
-async fn expect_no_event(client: &mut Client, quiet: Duration) {
-    let deadline = tokio::time::Instant::now() + quiet;
-    loop {
-        match tokio::time::timeout_at(deadline, client.ws.next()).await {
-            Err(_) => return,
-            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"pusher:ping\"") => continue,
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            Ok(other) => panic!("expected no event, got {other:?}"),
-        }
-    }
-}
-
-async fn established(node: &TestNode) -> (Client, String) {
-    let mut client = pusher_client(node, KEY).await;
-    let frame = client.next_json().await;
-    assert_eq!(frame["event"], "pusher:connection_established", "{frame}");
-    // Pusher SDKs read `data` as a string holding JSON.
-    let data: Value = serde_json::from_str(frame["data"].as_str().expect("data is a string")).unwrap();
-    let socket_id = data["socket_id"].as_str().unwrap().to_owned();
-    (client, socket_id)
-}
-
-fn auth(socket_id: &str, channel: &str) -> String {
-    format!("{KEY}:{}", sign(APP_SECRET, &format!("{socket_id}:{channel}")))
-}
 
 #[tokio::test]
 async fn connection_established_carries_a_socket_id_and_an_activity_timeout() {

@@ -30,6 +30,7 @@ use crate::broker::Broker;
 use crate::metrics as m;
 use crate::protocol::Envelope;
 use crate::redis_link::{LinkError, RedisLink};
+use crate::webhooks::Webhooks;
 
 /// The Redis Functions library (`#!lua name=pushnode_presence`).
 pub const LIBRARY: &str = include_str!("presence.lua");
@@ -69,6 +70,24 @@ impl From<LinkError> for PresenceError {
     }
 }
 
+/// What a [`Presence`] keeps: presence members, or channel occupancy (a node holds the one
+/// pseudo-member `"_"` of a channel while it has sockets there, so "a member joined" is "the
+/// channel became occupied" and "the last member left" is "it was vacated").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Presence,
+    Occupancy,
+}
+
+impl Kind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Presence => "pushnode:presence",
+            Self::Occupancy => "pushnode:occupancy",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Presence {
     inner: Arc<Inner>,
@@ -76,7 +95,9 @@ pub struct Presence {
 
 #[derive(Debug)]
 struct Inner {
+    kind: Kind,
     node: Arc<str>,
+    webhooks: Webhooks,
     /// `None`: the in-process broker; this node is the cluster.
     link: Option<RedisLink>,
     broker: Broker,
@@ -137,10 +158,20 @@ impl Seat {
 }
 
 impl Presence {
-    pub fn new(node: Arc<str>, link: Option<RedisLink>, broker: Broker, ttl: Duration, max_members: usize) -> Self {
+    pub fn new(
+        kind: Kind,
+        node: Arc<str>,
+        link: Option<RedisLink>,
+        broker: Broker,
+        webhooks: Webhooks,
+        ttl: Duration,
+        max_members: usize,
+    ) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE);
         Self {
             inner: Arc::new(Inner {
+                kind,
+                webhooks,
                 node,
                 link,
                 broker,
@@ -184,6 +215,21 @@ impl Presence {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PresenceError::Unavailable("node is stopping".into())),
         }
+    }
+
+    /// Adds a socket to `channel`'s occupancy ([`Kind::Occupancy`]) without waiting for Redis.
+    pub fn occupy(&self, channel: ChannelRef) -> Seat {
+        let user: Arc<str> = "\"_\"".into();
+        {
+            let mut local = self
+                .inner
+                .channels
+                .entry(channel.broker_channel.clone())
+                .or_insert_with(|| LocalChannel { channel: channel.clone(), users: HashMap::new() });
+            local.users.entry(user.clone()).or_insert((0, "null".into())).0 += 1;
+        }
+        self.notify(Change { channel: channel.clone(), user: user.clone(), socket: None, reply: None });
+        Seat { presence: self.clone(), channel, user }
     }
 
     /// The channel's members, from every node.
@@ -233,7 +279,7 @@ impl Presence {
     }
 
     fn key(&self, channel: &ChannelRef) -> String {
-        format!("pushnode:presence:{{{}:{}}}", channel.app_id, channel.name)
+        format!("{}:{{{}:{}}}", self.inner.kind.prefix(), channel.app_id, channel.name)
     }
 
     /// This node's users in `channel` now, with their info.
@@ -296,11 +342,9 @@ impl Presence {
                             return Err(PresenceError::Full(self.inner.max_members));
                         }
                         members.insert(user.to_owned(), info.to_string());
-                        Some(("pusher_internal:member_added", format!(r#"{{"user_id":{user},"user_info":{info}}}"#)))
+                        Some(Some(info))
                     }
-                    None if members.remove(user).is_some() => {
-                        Some(("pusher_internal:member_removed", removed_data(user)))
-                    }
+                    None if members.remove(user).is_some() => Some(None),
                     _ => None,
                 };
                 if members.is_empty() {
@@ -308,9 +352,10 @@ impl Presence {
                 }
                 event
             };
-            if let Some((event, data)) = event {
-                let except = if event.ends_with("added") { socket } else { None };
-                self.announce(channel, event, &data, except).await;
+            match event {
+                Some(Some(info)) => self.announce_added(channel, user, &info, socket).await,
+                Some(None) => self.announce_gone(channel, &[user.to_owned()]).await,
+                None => {}
             }
             return Ok(());
         };
@@ -320,6 +365,10 @@ impl Presence {
             Some(info) => {
                 let ttl = self.inner.ttl.as_millis().to_string();
                 let max = self.inner.max_members.to_string();
+                // In this node's held set first, so that if it dies from now on, whoever reaps
+                // it finds the channel (the set is refreshed at every sync as well).
+                let own = format!("{}:held:{node}", self.inner.kind.prefix());
+                link.query(redis::cmd("SADD").arg(&own).arg(held_entry(channel))).await?;
                 let value =
                     link.fcall(LIBRARY, "pushnode_presence_join", &key, &[node, user, &info, &ttl, &max]).await?;
                 let [status, gone] = parts(value);
@@ -338,7 +387,7 @@ impl Presence {
                 let [status, gone] = parts(value);
                 self.announce_gone(channel, &strings(gone)).await;
                 if int(&status) == 1 {
-                    self.announce(channel, "pusher_internal:member_removed", &removed_data(user), None).await;
+                    self.announce_gone(channel, &[user.to_owned()]).await;
                 }
             }
         }
@@ -361,6 +410,7 @@ impl Presence {
             .map(|e| (e.channel.clone(), e.users.iter().map(|(u, (_, i))| (u.clone(), i.clone())).collect()))
             .collect();
         let ttl = self.inner.ttl.as_millis().to_string();
+        let (mut held, mut dropped) = (Vec::new(), Vec::new());
         for (channel, users) in channels {
             let mut args: Vec<&str> = vec![&self.inner.node, &ttl];
             for (user, info) in &users {
@@ -378,6 +428,9 @@ impl Presence {
                     self.announce_gone(&channel, &gone).await;
                     if users.is_empty() {
                         self.inner.channels.remove_if(&channel.broker_channel, |_, local| local.users.is_empty());
+                        dropped.push(held_entry(&channel));
+                    } else {
+                        held.push(held_entry(&channel));
                     }
                 }
                 Err(e) => {
@@ -386,6 +439,47 @@ impl Presence {
                 }
             }
         }
+        if let Err(e) = self.keep_alive_and_reap(link, &held, &dropped).await {
+            metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+            debug!(error = %e, "presence node registry not refreshed");
+        }
+    }
+
+    /// Refreshes this node's deadline and the set of channels it holds, and reaps the channels
+    /// of nodes past their deadline (killed), so their members (their occupancy) are announced
+    /// gone even when no live node has sockets in those channels.
+    async fn keep_alive_and_reap(
+        &self,
+        link: &RedisLink,
+        held: &[String],
+        dropped: &[String],
+    ) -> Result<(), LinkError> {
+        let prefix = self.inner.kind.prefix();
+        let registry = format!("{prefix}:nodes");
+        let held_key = |node: &str| format!("{prefix}:held:{node}");
+        let own = held_key(&self.inner.node);
+        if !dropped.is_empty() {
+            link.query(redis::cmd("SREM").arg(&own).arg(dropped)).await?;
+        }
+        if !held.is_empty() {
+            link.query(redis::cmd("SADD").arg(&own).arg(held)).await?;
+            link.query(redis::cmd("PEXPIRE").arg(&own).arg(self.inner.ttl.as_millis() as u64 * 4)).await?;
+        }
+        let ttl = self.inner.ttl.as_millis().to_string();
+        let dead = strings(link.fcall(LIBRARY, "pushnode_presence_alive", &registry, &[&self.inner.node, &ttl]).await?);
+        for node in dead.iter().filter(|n| **n != *self.inner.node) {
+            let entries = strings(link.query(redis::cmd("SMEMBERS").arg(held_key(node))).await?);
+            for entry in entries {
+                if let Some(channel) = parse_held_entry(&entry) {
+                    let gone = link.fcall(LIBRARY, "pushnode_presence_evict", &self.key(&channel), &[node]).await?;
+                    self.announce_gone(&channel, &strings(gone)).await;
+                }
+            }
+            link.query(redis::cmd("DEL").arg(held_key(node))).await?;
+            link.query(redis::cmd("ZREM").arg(&registry).arg(node)).await?;
+            debug!(node = %node, kind = ?self.inner.kind, "reaped a dead node's channels");
+        }
+        Ok(())
     }
 
     /// On shutdown: let go of every user at once, so they leave now rather than at the TTL.
@@ -396,19 +490,51 @@ impl Presence {
         self.sync_all().await;
     }
 
+    /// A member joined (the channel became occupied): tells the channel's sockets (presence)
+    /// and the webhooks.
     async fn announce_added(&self, channel: &ChannelRef, user: &str, info: &str, socket: Option<&str>) {
-        let data = format!(r#"{{"user_id":{user},"user_info":{info}}}"#);
-        self.announce(channel, "pusher_internal:member_added", &data, socket).await;
-    }
-
-    async fn announce_gone(&self, channel: &ChannelRef, users: &[String]) {
-        for user in users {
-            self.announce(channel, "pusher_internal:member_removed", &removed_data(user), None).await;
+        match self.inner.kind {
+            Kind::Presence => {
+                let data = format!(r#"{{"user_id":{user},"user_info":{info}}}"#);
+                self.publish(channel, "pusher_internal:member_added", &data, socket).await;
+                self.webhook(channel, "member_added", Some(user)).await;
+            }
+            Kind::Occupancy => self.webhook(channel, "channel_occupied", None).await,
         }
     }
 
+    /// Members left (the channel was vacated).
+    async fn announce_gone(&self, channel: &ChannelRef, users: &[String]) {
+        for user in users {
+            match self.inner.kind {
+                Kind::Presence => {
+                    self.publish(channel, "pusher_internal:member_removed", &removed_data(user), None).await;
+                    self.webhook(channel, "member_removed", Some(user)).await;
+                }
+                Kind::Occupancy => self.webhook(channel, "channel_vacated", None).await,
+            }
+        }
+    }
+
+    /// Queues the webhook event `name` of `channel` (with the member's id as a string).
+    async fn webhook(&self, channel: &ChannelRef, name: &str, user: Option<&str>) {
+        if !self.inner.webhooks.wants(&channel.app_id, name) {
+            return;
+        }
+        let mut event = serde_json::json!({ "name": name, "channel": &*channel.name });
+        if let Some(user) = user {
+            // Pusher sends user ids as strings.
+            let id = match serde_json::from_str::<serde_json::Value>(user) {
+                Ok(serde_json::Value::String(s)) => s,
+                _ => user.to_owned(),
+            };
+            event["user_id"] = id.into();
+        }
+        self.inner.webhooks.emit(&channel.app_id, event).await;
+    }
+
     /// Publishes a member event to every node's sockets in `channel` (but `except`).
-    async fn announce(&self, channel: &ChannelRef, event: &str, data: &str, except: Option<&str>) {
+    async fn publish(&self, channel: &ChannelRef, event: &str, data: &str, except: Option<&str>) {
         let Ok(data) = RawValue::from_string(data.to_owned()) else {
             warn!(channel = %channel.name, "member event with invalid JSON not sent");
             return;
@@ -421,6 +547,17 @@ impl Presence {
             debug!(error = %e, channel = %channel.name, "member event not published");
         }
     }
+}
+
+/// A channel in a node's held set: app id, name and broker channel, newline-separated (none of
+/// them can hold a newline).
+fn held_entry(channel: &ChannelRef) -> String {
+    format!("{}\n{}\n{}", channel.app_id, channel.name, channel.broker_channel)
+}
+
+fn parse_held_entry(entry: &str) -> Option<ChannelRef> {
+    let mut parts = entry.splitn(3, '\n');
+    Some(ChannelRef { app_id: parts.next()?.into(), name: parts.next()?.into(), broker_channel: parts.next()?.into() })
 }
 
 /// A user this node holds in a channel, with its info.
@@ -439,9 +576,12 @@ fn parts<const N: usize>(value: Value) -> [Value; N] {
     std::array::from_fn(|_| items.next().unwrap_or(Value::Nil))
 }
 
+/// The strings of an array reply (or a set reply: RESP3 answers SMEMBERS with one).
 fn strings(value: Value) -> Vec<String> {
     match value {
-        Value::Array(items) => items.into_iter().filter_map(|v| redis::from_redis_value::<String>(v).ok()).collect(),
+        Value::Array(items) | Value::Set(items) => {
+            items.into_iter().filter_map(|v| redis::from_redis_value::<String>(v).ok()).collect()
+        }
         _ => Vec::new(),
     }
 }

@@ -242,3 +242,26 @@ end
 
 redis.register_function('pushnode_counts_put', counts_put)
 redis.register_function{function_name = 'pushnode_counts_get', callback = counts_get, flags = {'no-writes'}}
+
+-- ---- Nodes, for reaping channels no live node touches any more ----
+--
+-- FCALL pushnode_presence_alive 1 <registry> <node> <ttl ms>
+-- KEYS[1] is `pushnode:presence:nodes` (or `pushnode:occupancy:nodes`): node -> deadline (ms).
+-- Refreshes the caller's deadline; returns the nodes past theirs (dead: their channels are to
+-- be reaped by the caller, from the set of channels each node keeps beside the registry).
+local function alive(keys, args)
+  local now = now_ms()
+  redis.call('ZADD', keys[1], now + tonumber(args[2]), args[1])
+  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. now)
+end
+
+-- FCALL pushnode_presence_evict 1 <channel prefix> <node>
+-- Removes a node the registry found dead from one channel, whatever its deadline there (a join
+-- may have pushed that past the registry's), and returns the users nobody holds any more.
+local function evict(keys, args)
+  redis.call('ZADD', keys[1] .. ':nodes', 'XX', 0, args[1])
+  return reap(keys[1], now_ms())
+end
+
+redis.register_function('pushnode_presence_alive', alive)
+redis.register_function('pushnode_presence_evict', evict)

@@ -156,7 +156,13 @@ where
         };
         // The new count reaches every session of the user (this one too) through the broker.
         match inbox.mark_read(&self.identity.user, &scope).await {
-            Ok(_) => Ok(()),
+            Ok(unread) => {
+                self.ctx
+                    .webhooks
+                    .emit("native", crate::webhooks::read_event(&self.identity.user, &scope, unread))
+                    .await;
+                Ok(())
+            }
             Err(e) => self.reply_error(ErrorCode::InboxUnavailable, e.to_string()).await,
         }
     }

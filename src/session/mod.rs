@@ -66,6 +66,7 @@ use crate::presence::Presence;
 use crate::protocol::{ClientFrame, CloseReason, ErrorCode, Format, NoteId, ServerFrame, WireFrame, now_micros};
 use crate::pusher::{AppSlot, Apps};
 use crate::settings::Settings;
+use crate::webhooks::Webhooks;
 
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -77,6 +78,17 @@ const RESYNC_SPREAD: Duration = Duration::from_millis(500);
 /// every JSON session of the node, so it is not short. Live frames arriving once the channel
 /// is back trigger the replay at once anyway.
 const RESYNC_RECHECK: Duration = Duration::from_millis(500);
+
+/// The node's parts a session uses beside the hub and the inbox (the Pusher front end's, and
+/// the webhooks').
+#[derive(Debug)]
+pub struct Services {
+    pub apps: Apps,
+    pub broker: Broker,
+    pub presence: Presence,
+    pub occupancy: Presence,
+    pub webhooks: Webhooks,
+}
 
 /// What every session of a node shares: settings, the hub, channel naming, metric handles.
 #[derive(Debug)]
@@ -96,20 +108,15 @@ pub struct SessionContext {
     apps: Apps,
     broker: Broker,
     presence: Presence,
+    occupancy: Presence,
+    webhooks: Webhooks,
     delivered: metrics::Counter,
     latency: metrics::Histogram,
 }
 
 impl SessionContext {
-    pub fn new(
-        settings: &Settings,
-        hub: Hub,
-        names: ChannelNames,
-        inbox: Option<Inbox>,
-        apps: Apps,
-        broker: Broker,
-        presence: Presence,
-    ) -> Self {
+    pub fn new(settings: &Settings, hub: Hub, names: ChannelNames, inbox: Option<Inbox>, services: Services) -> Self {
+        let Services { apps, broker, presence, occupancy, webhooks } = services;
         Self {
             node_id: hub.node_id().into(),
             hub,
@@ -125,6 +132,8 @@ impl SessionContext {
             apps,
             broker,
             presence,
+            occupancy,
+            webhooks,
             delivered: metrics::counter!(m::MESSAGES_DELIVERED),
             latency: metrics::histogram!(m::DELIVERY_LATENCY),
         }

@@ -54,11 +54,13 @@ pub(super) struct PusherSession {
     /// The signed-in user's channel (`#server-to-user-<id>`), once signed in: the same string
     /// as the registration's topic name.
     user_channel: Option<Arc<str>>,
+    /// With occupancy webhooks: the socket's share of each channel's occupancy.
+    occupied: Vec<Seat>,
 }
 
 impl PusherSession {
     pub(super) fn new(app: AppSlot) -> Self {
-        Self { app, client_events: TokenBucket::new(), seats: Vec::new(), user_channel: None }
+        Self { app, client_events: TokenBucket::new(), seats: Vec::new(), user_channel: None, occupied: Vec::new() }
     }
 
     fn seat(&self, channel: &str) -> Option<&(Seat, Arc<str>)> {
@@ -103,6 +105,7 @@ where
                 if let Some(pusher) = self.pusher.as_deref_mut() {
                     // Dropping the seat lets go of the member (once its last socket here has).
                     pusher.seats.retain(|(seat, _)| *seat.channel().name != *channel);
+                    pusher.occupied.retain(|seat| *seat.channel().name != *channel);
                 }
                 Ok(())
             }
@@ -169,6 +172,18 @@ where
         }
         self.registration.join_topic(broker_channel.clone(), channel.as_str().into());
         self.ctx.hub.wait_live(&broker_channel, self.ctx.subscribe_wait).await;
+        let app = &self.pusher().app.settings.id;
+        if self.ctx.webhooks.wants(app, "channel_occupied") || self.ctx.webhooks.wants(app, "channel_vacated") {
+            let channel_ref = ChannelRef {
+                app_id: app.as_str().into(),
+                name: channel.as_str().into(),
+                broker_channel: broker_channel.clone(),
+            };
+            let seat = self.ctx.occupancy.occupy(channel_ref);
+            if let Some(pusher) = self.pusher.as_deref_mut() {
+                pusher.occupied.push(seat);
+            }
+        }
         let Some((user_id, user_info)) = member else {
             self.write(Message::Text(pusher::subscription_succeeded(&channel).into())).await?;
             return self.replay_notifications(&channel).await;
@@ -190,6 +205,9 @@ where
             }
             Err(e) => {
                 self.registration.leave_topic(&channel);
+                if let Some(pusher) = self.pusher.as_deref_mut() {
+                    pusher.occupied.retain(|seat| *seat.channel().name != *channel);
+                }
                 let (kind, status) = match e {
                     PresenceError::Full(_) => ("LimitReached", 400),
                     PresenceError::Unavailable(_) => ("PresenceUnavailable", 503),
@@ -276,6 +294,8 @@ where
             Ok(unread) => unread,
             Err(e) => return self.pusher_error(None, &format!("not marked read: {e}")).await,
         };
+        let app = self.pusher().app.settings.id.clone();
+        self.ctx.webhooks.emit(&app, crate::webhooks::read_event(user, &scope, unread)).await;
         let id = self.ctx.hub.next_message_id();
         let data =
             RawValue::from_string(format!(r#"{{"unread":{unread}}}"#)).unwrap_or_else(|_| RawValue::NULL.to_owned());
@@ -357,6 +377,19 @@ where
             return self.pusher_error(None, &format!("client event not sent: {e}")).await;
         }
         metrics::counter!(m::MESSAGES_PUBLISHED).increment(1);
+        let app = &self.pusher().app.settings.id;
+        if self.ctx.webhooks.wants(app, "client_event") {
+            let mut hook = serde_json::json!({
+                "name": "client_event", "channel": channel, "event": event,
+                "data": data.get(), "socket_id": socket_id,
+            });
+            if let Some(user) = self.pusher().seat(&channel).map(|(_, user)| user.clone()) {
+                let id = serde_json::from_str::<String>(&user).unwrap_or_else(|_| user.to_string());
+                hook["user_id"] = id.into();
+            }
+            let app = app.clone();
+            self.ctx.webhooks.emit(&app, hook).await;
+        }
         Ok(())
     }
 

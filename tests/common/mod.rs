@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod proxy;
+pub mod pusher;
 pub mod redis;
 
 use std::net::SocketAddr;
