@@ -64,7 +64,13 @@ VALUE_SETS = {
         "keda": {"enabled": True},
     },
     "no-autoscaling": {**SECRETS, "autoscaling": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
-    "pusher-only": {"pusher": {"apps": PUSHER_APPS}, "config": {"pusher": {"persist_notifications": True}}},
+    "pusher-only": {
+        "pusher": {"apps": PUSHER_APPS},
+        "config": {
+            "pusher": {"persist_notifications": True},
+            "webhooks": {"endpoints": [{"app": "1001", "url": "https://app.example.com/pusher/webhook", "events": ["channel_occupied"]}]},
+        },
+    },
     "pusher-and-native-existing-secret": {
         **SECRETS,
         "pusher": {"apps": [{"id": "1001", "key": "app-key"}], "existingSecret": "pusher-keys"},
@@ -227,6 +233,9 @@ def check_wiring(binary, name, values, docs, tmp, failures):
         failures.append(f"{name}: pushnode rejects the rendered config: {out.stderr}\n{toml}")
     elif apps and out.stdout.count("[[pusher.apps]]") != len(apps):
         failures.append(f"{name}: the node sees {out.stdout.count('[[pusher.apps]]')} Pusher apps, want {len(apps)}")
+    for endpoint in values.get("config", {}).get("webhooks", {}).get("endpoints", []):
+        if endpoint["url"] not in out.stdout:
+            failures.append(f"{name}: the node does not see the webhook endpoint {endpoint['url']}:\n{out.stdout}")
 
 
 def seconds(duration):

@@ -99,3 +99,18 @@ together. Before it the preStop sleep; after it a margin for the process to exit
 0
 {{- end -}}
 {{- end -}}
+
+{{/*
+A value as TOML: tables inline ({k = v, ...}), arrays of anything, scalars as JSON (which TOML
+reads the same for strings, numbers and booleans). For lists of tables such as
+config.webhooks.endpoints.
+*/}}
+{{- define "pushnode.tomlValue" -}}
+{{- if kindIs "map" . -}}
+{ {{- $first := true }}{{ range $k, $v := . }}{{ if not $first }}, {{ end }}{{ $first = false }}{{ $k }} = {{ include "pushnode.tomlValue" $v }}{{ end -}} }
+{{- else if kindIs "slice" . -}}
+[{{ range $i, $v := . }}{{ if $i }}, {{ end }}{{ include "pushnode.tomlValue" $v }}{{ end }}]
+{{- else -}}
+{{ . | toJson }}
+{{- end -}}
+{{- end -}}
