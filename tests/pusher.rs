@@ -244,20 +244,6 @@ async fn pusher_channels_presence_and_counts_work_on_a_redis_cluster() {
     }
 }
 
-/// A `pushnode serve` child, killed when dropped (a failing test must not leave it running).
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_presence_members_are_announced_gone_within_the_ttl() {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -273,32 +259,8 @@ async fn a_killed_nodes_presence_members_are_announced_gone_within_the_ttl() {
     })
     .await;
     survivor.wait_ready(200).await;
-    let (public, internal) = (free_port(), free_port());
-    let mut doomed = Child(
-        Command::new(env!("CARGO_BIN_EXE_pushnode"))
-            .env_remove("PUSHNODE_CONFIG")
-            .env("PUSHNODE__SERVER__PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-            .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-            .env("PUSHNODE__AUTH__JWT_SECRET", common::SECRET)
-            .env("PUSHNODE__AUTH__API_KEYS", common::API_KEY)
-            .env("PUSHNODE__DEMO__ENABLED", "false")
-            .env("PUSHNODE__BROKER__KIND", "redis")
-            .env("PUSHNODE__BROKER__REDIS_URL", redis.url())
-            .env("PUSHNODE__PUSHER__PRESENCE_TTL", "3s")
-            .env("PUSHNODE__PUSHER__APPS__0__ID", APP_ID)
-            .env("PUSHNODE__PUSHER__APPS__0__KEY", KEY)
-            .env("PUSHNODE__PUSHER__APPS__0__SECRET", APP_SECRET)
-            .env("PUSHNODE__LOG__FILTER", "warn")
-            .arg("serve")
-            .spawn()
-            .unwrap(),
-    );
-    let ready = format!("http://127.0.0.1:{internal}/readyz");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
-        assert!(tokio::time::Instant::now() < deadline, "the child node never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut doomed = ChildNode::start(&redis.url(), &[("PUSHNODE__PUSHER__PRESENCE_TTL", "3s")]).await;
+    let public = doomed.public;
 
     // Deadline passed after at most one TTL, reaped by the survivor's next sync (a third of it),
     // plus a second for the event to travel and the machine to be busy.
@@ -309,7 +271,7 @@ async fn a_killed_nodes_presence_members_are_announced_gone_within_the_ttl() {
         "appId": APP_ID, "key": KEY, "secret": APP_SECRET,
         "killBoundMs": bound.as_millis() as u64,
     });
-    let pid = doomed.0.id();
+    let pid = doomed.child.id();
     let (status, stdout, stderr) = tokio::task::spawn_blocking(move || {
         let mut script = Command::new("node")
             .arg(dir.join("pusher.mjs"))
@@ -345,7 +307,7 @@ async fn a_killed_nodes_presence_members_are_announced_gone_within_the_ttl() {
     .unwrap();
     assert!(status.success(), "pusher.mjs failed:\n{stdout}\n{stderr}");
     eprint!("{stdout}");
-    doomed.0.wait().unwrap();
+    doomed.child.wait().unwrap();
     survivor.stop().await;
 }
 

@@ -235,33 +235,19 @@ async fn a_killed_nodes_channels_are_vacated_within_the_ttl() {
     let Some(receiver) = Receiver::start(KEY, APP_SECRET) else { return };
     let redis = RedisServer::start();
     let survivor = node(Some(&redis), &receiver, |_| {}).await;
-    let public = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let internal = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut doomed = Command::new(env!("CARGO_BIN_EXE_pushnode"))
-        .env_remove("PUSHNODE_CONFIG")
-        .env("PUSHNODE__SERVER__PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-        .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-        .env("PUSHNODE__DEMO__ENABLED", "false")
-        .env("PUSHNODE__BROKER__KIND", "redis")
-        .env("PUSHNODE__BROKER__REDIS_URL", redis.url())
-        .env("PUSHNODE__PUSHER__PRESENCE_TTL", "3s")
-        .env("PUSHNODE__PUSHER__APPS__0__ID", APP_ID)
-        .env("PUSHNODE__PUSHER__APPS__0__KEY", KEY)
-        .env("PUSHNODE__PUSHER__APPS__0__SECRET", APP_SECRET)
-        .env("PUSHNODE__WEBHOOKS__BATCH_WINDOW", "50ms")
-        .env("PUSHNODE__WEBHOOKS__ENDPOINTS__0__APP", APP_ID)
-        .env("PUSHNODE__WEBHOOKS__ENDPOINTS__0__URL", receiver.hook())
-        .env("PUSHNODE__LOG__FILTER", "warn")
-        .arg("serve")
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !reqwest::get(format!("http://127.0.0.1:{internal}/readyz")).await.is_ok_and(|r| r.status().is_success()) {
-        assert!(tokio::time::Instant::now() < deadline, "the child node never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let hook = receiver.hook();
+    let mut doomed = ChildNode::start(
+        &redis.url(),
+        &[
+            ("PUSHNODE__PUSHER__PRESENCE_TTL", "3s"),
+            ("PUSHNODE__WEBHOOKS__BATCH_WINDOW", "50ms"),
+            ("PUSHNODE__WEBHOOKS__ENDPOINTS__0__APP", APP_ID),
+            ("PUSHNODE__WEBHOOKS__ENDPOINTS__0__URL", &hook),
+        ],
+    )
+    .await;
     // The socket is on the doomed node only: no survivor has the channel.
-    let url = format!("ws://127.0.0.1:{public}/app/{KEY}");
+    let url = format!("ws://127.0.0.1:{}/app/{KEY}", doomed.public);
     let mut client = Client::connect(&url).await.unwrap();
     let established = event(&mut client, "pusher:connection_established").await;
     let socket_id = established["data"]["socket_id"].as_str().unwrap().to_owned();
@@ -274,9 +260,9 @@ async fn a_killed_nodes_channels_are_vacated_within_the_ttl() {
     event(&mut client, "pusher_internal:subscription_succeeded").await;
     receiver.exactly(1, "channel_occupied", Some(channel), Duration::ZERO).await;
 
-    doomed.kill().unwrap();
+    doomed.child.kill().unwrap();
     let killed = std::time::Instant::now();
-    doomed.wait().unwrap();
+    doomed.child.wait().unwrap();
     // Past its deadline after at most one TTL (3 s); reaped at the survivor's next round (a
     // third of it); then the batch window. One more second for a busy machine.
     let bound = Duration::from_secs(3) + Duration::from_secs(1) + Duration::from_secs(1);

@@ -71,3 +71,48 @@ pub async fn established(node: &TestNode) -> (Client, String) {
 pub fn auth(socket_id: &str, channel: &str) -> String {
     format!("{KEY}:{}", sign(APP_SECRET, &format!("{socket_id}:{channel}")))
 }
+
+/// A `pushnode serve` process with the test app on `redis_url` (a node the tests can SIGKILL),
+/// ready when returned; killed when dropped, so a failing test leaves no node running. `env`
+/// adds settings.
+pub struct ChildNode {
+    pub child: std::process::Child,
+    pub public: u16,
+}
+
+impl ChildNode {
+    pub async fn start(redis_url: &str, env: &[(&str, &str)]) -> Self {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (public, internal) = (free(), free());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pushnode"))
+            .env_remove("PUSHNODE_CONFIG")
+            .env("PUSHNODE__SERVER__PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+            .env("PUSHNODE__SERVER__INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+            .env("PUSHNODE__DEMO__ENABLED", "false")
+            .env("PUSHNODE__BROKER__KIND", "redis")
+            .env("PUSHNODE__BROKER__REDIS_URL", redis_url)
+            .env("PUSHNODE__PUSHER__APPS__0__ID", APP_ID)
+            .env("PUSHNODE__PUSHER__APPS__0__KEY", KEY)
+            .env("PUSHNODE__PUSHER__APPS__0__SECRET", APP_SECRET)
+            .env("PUSHNODE__LOG__FILTER", "warn")
+            .envs(env.iter().copied())
+            .arg("serve")
+            .spawn()
+            .unwrap();
+        let node = Self { child, public };
+        let ready = format!("http://127.0.0.1:{internal}/readyz");
+        let deadline = tokio::time::Instant::now() + super::WAIT;
+        while !reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
+            assert!(tokio::time::Instant::now() < deadline, "the child node never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
