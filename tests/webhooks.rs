@@ -320,6 +320,32 @@ async fn a_hanging_endpoint_slows_no_session_and_a_full_queue_drops_and_counts()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_endpoint_is_retried_and_a_huge_answer_is_not_read() {
+    let Some(receiver) = Receiver::start(KEY, APP_SECRET) else { return };
+    // Nothing listens on this port: every call is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let a = node(None, &receiver, |s| {
+        s.webhooks.endpoints.push(endpoint(APP_ID, format!("http://127.0.0.1:{closed}/hook")));
+    })
+    .await;
+    receiver.mode("huge").await;
+    let client = subscribe(&a, "private-big", None).await;
+    // The working endpoint took the event although its 64 MiB answer was never read: sent once.
+    receiver.exactly(1, "channel_occupied", Some("private-big"), QUIET).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = a.get("/metrics").await.1;
+        if metric(&metrics, r#"pushnode_webhooks_failed_total{reason="connect"}"#) >= 2.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the refusing endpoint was not retried:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(client);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_events_and_native_reads_are_reported_and_redirects_are_failures() {
     let Some(receiver) = Receiver::start("pushnode", "native-secret-0123") else { return };
     let Some(pusher_receiver) = Receiver::start(KEY, APP_SECRET) else { return };

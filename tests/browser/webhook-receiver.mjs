@@ -4,7 +4,8 @@
 //
 //   POST /hook           a webhook call: 200, or whatever the mode says
 //   GET  /events         {"valid": [events...], "invalid": n, "calls": n}
-//   POST /mode/<mode>    ok | fail (500) | hang (never answers) | redirect (302 to itself)
+//   POST /mode/<mode>    ok | fail (500) | hang (never answers) | redirect (302 to itself) |
+//                        huge (accepts, then answers 200 with a 64 MiB body)
 //
 //   node webhook-receiver.mjs '<config JSON>'   config: { key, secret }
 // Prints "listening <port>" once ready; stops when its standard input closes.
@@ -50,7 +51,21 @@ const server = http.createServer((req, res) => {
         return;
       }
       const webhook = sdk.webhook({ headers: req.headers, rawBody: body });
-      if (webhook.isValid()) {
+      if (webhook.isValid() && mode === 'huge') {
+        valid.push(...webhook.getEvents());
+        res.writeHead(200, { 'content-length': String(64 << 20) });
+        const chunk = Buffer.alloc(1 << 20, 120);
+        let left = 64;
+        const more = () => {
+          while (left > 0) {
+            left -= 1;
+            if (!res.write(chunk)) return res.once('drain', more);
+          }
+          res.end();
+        };
+        res.on('error', () => {});
+        more();
+      } else if (webhook.isValid()) {
         valid.push(...webhook.getEvents());
         res.end('ok');
       } else {
