@@ -579,6 +579,42 @@ async fn a_pusher_only_node_needs_no_jwt_secret_or_api_keys_and_keeps_the_native
 }
 
 #[tokio::test]
+async fn pusher_sessions_obey_the_channel_and_size_limits_and_are_counted_by_app() {
+    let node = TestNode::with(|s| {
+        with_app(s);
+        // An app id of its own: the metrics recorder is shared by every test of this binary.
+        s.pusher.apps[0].id = "limits-app".into();
+        s.limits.max_topics_per_session = 3;
+        s.limits.client_frames_per_second = 100;
+    })
+    .await;
+    let (mut client, _) = established(&node).await;
+    let gauge = r#"pushnode_pusher_connections{app="limits-app"}"#;
+    assert_eq!(common::metric(&node.get("/metrics").await.1, gauge), 1.0);
+    for i in 0..3 {
+        client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": format!("c{i}")}})).await;
+        event(&mut client, "pusher_internal:subscription_succeeded").await;
+    }
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "one-too-many"}})).await;
+    let refused = event(&mut client, "pusher:subscription_error").await;
+    assert_eq!(refused["data"]["type"], "LimitReached", "{refused}");
+    // Leaving one makes room again.
+    client.send_json(json!({"event": "pusher:unsubscribe", "data": {"channel": "c0"}})).await;
+    client.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "one-too-many"}})).await;
+    event(&mut client, "pusher_internal:subscription_succeeded").await;
+    // A frame over limits.max_frame_bytes (4 KiB) closes with 1009.
+    let big = "x".repeat(5000);
+    client.send_json(json!({"event": "client-big", "channel": "private-x", "data": {"big": big}})).await;
+    assert_eq!(client.close_code().await, 1009);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while common::metric(&node.get("/metrics").await.1, gauge) != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "pushnode_pusher_connections stayed above 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_node_without_apps_has_no_pusher_endpoints() {
     let node = TestNode::start().await;
     assert_eq!(node.refused(&format!("ws://{}/app/{KEY}", node.public), &[]).await, 404);
