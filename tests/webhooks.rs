@@ -282,6 +282,41 @@ async fn a_killed_nodes_channels_are_vacated_within_the_ttl() {
     survivor.stop().await;
 }
 
+/// A container restarted in its pod keeps its node id (the chart uses the pod name): the new
+/// process releases what the killed one held, so its channels are vacated rather than held by
+/// an id that looks alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_under_the_same_id_releases_what_its_previous_process_held() {
+    let Some(receiver) = Receiver::start(KEY, APP_SECRET) else { return };
+    let redis = RedisServer::start();
+    let hook = receiver.hook();
+    let env = [
+        ("PUSHNODE__SERVER__NODE_ID", "push-0"),
+        ("PUSHNODE__PUSHER__PRESENCE_TTL", "3s"),
+        ("PUSHNODE__WEBHOOKS__BATCH_WINDOW", "50ms"),
+        ("PUSHNODE__WEBHOOKS__ENDPOINTS__0__APP", APP_ID),
+        ("PUSHNODE__WEBHOOKS__ENDPOINTS__0__URL", &hook),
+    ];
+    let mut first = ChildNode::start(&redis.url(), &env).await;
+    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/app/{KEY}", first.public)).await.unwrap();
+    let established = event(&mut client, "pusher:connection_established").await;
+    let socket_id = established["data"]["socket_id"].as_str().unwrap().to_owned();
+    let channel = "private-restarted";
+    client
+        .send_json(
+            json!({ "event": "pusher:subscribe", "data": { "channel": channel, "auth": auth(&socket_id, channel) } }),
+        )
+        .await;
+    event(&mut client, "pusher_internal:subscription_succeeded").await;
+    receiver.exactly(1, "channel_occupied", Some(channel), Duration::ZERO).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    drop(client);
+
+    let _second = ChildNode::start(&redis.url(), &env).await;
+    receiver.exactly(1, "channel_vacated", Some(channel), QUIET).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_endpoint_slows_no_session_and_a_full_queue_drops_and_counts() {
     let Some(receiver) = Receiver::start(KEY, APP_SECRET) else { return };

@@ -296,13 +296,19 @@ impl Presence {
         let Some(mut receiver) = self.inner.receiver.lock().take() else { return };
         let mut tick = tokio::time::interval(self.inner.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reclaimed = self.inner.link.is_none();
         loop {
             tokio::select! {
                 change = receiver.recv() => match change {
                     Some(change) => self.apply(change).await,
                     None => return,
                 },
-                _ = tick.tick() => self.sync_all().await,
+                _ = tick.tick() => {
+                    if !reclaimed {
+                        reclaimed = self.reclaim().await;
+                    }
+                    self.sync_all().await;
+                }
                 () = stop.cancelled() => {
                     self.leave_all().await;
                     return;
@@ -443,6 +449,39 @@ impl Presence {
             metrics::counter!(m::PRESENCE_ERRORS).increment(1);
             debug!(error = %e, "presence node registry not refreshed");
         }
+    }
+
+    /// A node that restarts under the same id (a container restarted in its pod keeps the pod's
+    /// name) finds its previous process's holds still listed as its own, and alive: nobody
+    /// else would ever reap them. At its first round it lets go of every channel it held that
+    /// it does not hold now, announcing what that vacates or removes. True once done.
+    async fn reclaim(&self) -> bool {
+        let Some(link) = &self.inner.link else { return true };
+        let own = format!("{}:held:{}", self.inner.kind.prefix(), self.inner.node);
+        let entries = match link.query(redis::cmd("SMEMBERS").arg(&own)).await {
+            Ok(value) => strings(value),
+            Err(e) => {
+                debug!(error = %e, "previous holds not checked; retrying");
+                return false;
+            }
+        };
+        for entry in entries {
+            let Some(channel) = parse_held_entry(&entry) else { continue };
+            if self.inner.channels.contains_key(&channel.broker_channel) {
+                continue; // held now: the sync below makes Redis agree with this process
+            }
+            match link.fcall(LIBRARY, "pushnode_presence_evict", &self.key(&channel), &[&self.inner.node]).await {
+                Ok(gone) => {
+                    self.announce_gone(&channel, &strings(gone)).await;
+                    let _ = link.query(redis::cmd("SREM").arg(&own).arg(&entry)).await;
+                }
+                Err(e) => {
+                    debug!(error = %e, "previous holds not released; retrying");
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Refreshes this node's deadline and the set of channels it holds, and reaps the channels
