@@ -4,15 +4,16 @@
 //! sockets each has there. A user's first socket on the node makes the node hold the user
 //! (in Redis, per channel and node); its last one makes it let go. A user is a member while
 //! any node holds it, so `member_added` and `member_removed` fire once per user, not per tab
-//! or node, and every node reads the same member list. Nodes refresh their hold every third of
-//! `pusher.presence_ttl`; a node that dies without letting go (SIGKILL) is removed by the next
-//! node to touch the channel after its deadline, which announces its users gone. The Redis
-//! side is `presence.lua`; with the in-process broker, this node's truth is the whole truth.
+//! or node, and every node reads the same member list. Nodes refresh their deadline in a node
+//! registry every third of `pusher.presence_ttl` and keep the set of channels they hold; a
+//! node that dies without letting go (SIGKILL) passes its deadline, and the next live node's
+//! round evicts it from every channel it held and announces what that changed. The Redis side
+//! is `presence.lua`; with the in-process broker, this node's truth is the whole truth.
 //!
 //! Changes reach Redis through one worker task, in order, as "look at this user now": the
 //! worker applies the node's current truth, so a join and a leave racing each other cannot
-//! leave Redis wrong, and a change that failed (Redis down) is repaired by the next sync of
-//! the channel, which writes the node's whole truth. Member events are published on the
+//! leave Redis wrong, and a change that failed (Redis down) is repaired by the next repair
+//! round (every [`REPAIR_EVERY`] rounds), which writes the node's whole truth. Member events are published on the
 //! channel's broker channel like any event; the socket that joined does not get its own.
 
 use std::collections::HashMap;
@@ -34,6 +35,15 @@ use crate::webhooks::Webhooks;
 
 /// The Redis Functions library (`#!lua name=pushnode_presence`).
 pub const LIBRARY: &str = include_str!("presence.lua");
+
+/// Every this many rounds (a round is a third of the TTL) a node rewrites its whole truth for
+/// every channel it holds, repairing joins and leaves that did not reach Redis. The other rounds
+/// only refresh its deadline in the node registry, which is what finds it dead.
+const REPAIR_EVERY: u32 = 12;
+/// A node's hold on one channel lasts this many TTLs past its last join or repair: a backstop
+/// (a dead node is evicted through the registry within a TTL and a third). Repairs come every
+/// REPAIR_EVERY thirds of a TTL, so this is three repair periods.
+const HOLD_TTLS: u32 = REPAIR_EVERY;
 
 /// Changes waiting for the worker. A join waits for room (its subscriber is waiting anyway);
 /// a leave that finds the queue full hands its change to a task that waits, since a change
@@ -297,6 +307,7 @@ impl Presence {
         let mut tick = tokio::time::interval(self.inner.ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reclaimed = self.inner.link.is_none();
+        let mut round = 0u32;
         loop {
             tokio::select! {
                 change = receiver.recv() => match change {
@@ -307,7 +318,8 @@ impl Presence {
                     if !reclaimed {
                         reclaimed = self.reclaim().await;
                     }
-                    self.sync_all().await;
+                    self.sync_all(round.is_multiple_of(REPAIR_EVERY)).await;
+                    round = round.wrapping_add(1);
                 }
                 () = stop.cancelled() => {
                     self.leave_all().await;
@@ -369,7 +381,7 @@ impl Presence {
         let node = &*self.inner.node;
         match info {
             Some(info) => {
-                let ttl = self.inner.ttl.as_millis().to_string();
+                let ttl = self.hold_ms();
                 let max = self.inner.max_members.to_string();
                 // In this node's held set first, so that if it dies from now on, whoever reaps
                 // it finds the channel (the set is refreshed at every sync as well).
@@ -400,13 +412,21 @@ impl Presence {
         Ok(())
     }
 
-    /// Writes this node's whole truth for every channel it holds (and drops channels it no
-    /// longer holds once Redis knows), announcing what that changed.
-    async fn sync_all(&self) {
+    /// With `repair`, writes this node's whole truth for every channel it holds (and drops
+    /// channels it no longer holds once Redis knows), announcing what that changed; then, every
+    /// round, refreshes the node's deadline and evicts dead nodes.
+    async fn sync_all(&self, repair: bool) {
         let Some(link) = &self.inner.link else {
             self.inner.channels.retain(|_, local| !local.users.is_empty());
             return;
         };
+        if !repair {
+            if let Err(e) = self.keep_alive_and_reap(link, &[], &[]).await {
+                metrics::counter!(m::PRESENCE_ERRORS).increment(1);
+                debug!(error = %e, "presence node registry not refreshed");
+            }
+            return;
+        }
         // Redis's view is repaired below; a channel this node let go of everywhere is
         // forgotten once Redis knows.
         let channels: Vec<(ChannelRef, Vec<Held>)> = self
@@ -415,7 +435,7 @@ impl Presence {
             .iter()
             .map(|e| (e.channel.clone(), e.users.iter().map(|(u, (_, i))| (u.clone(), i.clone())).collect()))
             .collect();
-        let ttl = self.inner.ttl.as_millis().to_string();
+        let ttl = self.hold_ms();
         let (mut held, mut dropped) = (Vec::new(), Vec::new());
         for (channel, users) in channels {
             let mut args: Vec<&str> = vec![&self.inner.node, &ttl];
@@ -449,6 +469,11 @@ impl Presence {
             metrics::counter!(m::PRESENCE_ERRORS).increment(1);
             debug!(error = %e, "presence node registry not refreshed");
         }
+    }
+
+    /// How long a hold on one channel lasts, in ms (see [`HOLD_TTLS`]).
+    fn hold_ms(&self) -> String {
+        (self.inner.ttl.as_millis() * u128::from(HOLD_TTLS)).to_string()
     }
 
     /// A node that restarts under the same id (a container restarted in its pod keeps the pod's
@@ -502,8 +527,9 @@ impl Presence {
         }
         if !held.is_empty() {
             link.query(redis::cmd("SADD").arg(&own).arg(held)).await?;
-            link.query(redis::cmd("PEXPIRE").arg(&own).arg(self.inner.ttl.as_millis() as u64 * 4)).await?;
         }
+        // The set outlives this node by a few TTLs, long enough for a live node to evict it.
+        link.query(redis::cmd("PEXPIRE").arg(&own).arg(self.inner.ttl.as_millis() as u64 * 4)).await?;
         let ttl = self.inner.ttl.as_millis().to_string();
         let dead = strings(link.fcall(LIBRARY, "pushnode_presence_alive", &registry, &[&self.inner.node, &ttl]).await?);
         for node in dead.iter().filter(|n| **n != *self.inner.node) {
@@ -526,7 +552,7 @@ impl Presence {
         for mut local in self.inner.channels.iter_mut() {
             local.users.clear();
         }
-        self.sync_all().await;
+        self.sync_all(true).await;
     }
 
     /// A member joined (the channel became occupied): tells the channel's sockets (presence)

@@ -11,11 +11,13 @@
 --   <prefix>:node:<node>   hash: user id (its JSON text) -> user info (JSON text), the users
 --                          with a socket on that node
 --
--- A user is a member while any live node holds it. Nodes refresh their deadline every third
--- of the TTL; a node that stops (SIGKILL) passes its deadline, and the next call on the
--- channel from any node removes it ("reaps") and reports the users nobody holds any more, so
--- that node can announce them gone. Every function returns the users whose membership changed,
--- so each change is announced once, by the node whose call made it.
+-- A user is a member while any live node holds it. A node's deadline in a channel is renewed
+-- by its joins and by its repairs (every four TTLs) and lasts twelve TTLs: a backstop. Dead
+-- nodes are found sooner through the node registry (`pushnode_presence_alive`, refreshed
+-- every third of the TTL) and evicted from every channel they held
+-- (`pushnode_presence_evict`). Any call on a channel also removes ("reaps") nodes past their
+-- deadline there. Every function returns the users whose membership changed, so each change
+-- is announced once, by the node whose call made it.
 --
 -- Times come from Redis (TIME), so the nodes' clocks do not matter.
 
