@@ -13,8 +13,9 @@
 //! Changes reach Redis through one worker task, in order, as "look at this user now": the
 //! worker applies the node's current truth, so a join and a leave racing each other cannot
 //! leave Redis wrong, and a change that failed (Redis down) is repaired by the next repair
-//! round (every `REPAIR_EVERY` rounds), which writes the node's whole truth. Member events are published on the
-//! channel's broker channel like any event; the socket that joined does not get its own.
+//! round (every `REPAIR_EVERY` rounds), which writes the node's whole truth. Member events
+//! are published on the channel's broker channel like any event; the socket that joined does
+//! not get its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
