@@ -135,6 +135,17 @@ async fn subscribe(node: &TestNode, channel: &str, member: Option<Value>) -> Cli
     client
 }
 
+/// A socket on a child node, subscribed to private `channel`.
+async fn subscribe_at(node: &ChildNode, channel: &str) -> Client {
+    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/app/{KEY}", node.public)).await.unwrap();
+    let established = event(&mut client, "pusher:connection_established").await;
+    let socket_id = established["data"]["socket_id"].as_str().unwrap().to_owned();
+    let data = json!({ "channel": channel, "auth": auth(&socket_id, channel) });
+    client.send_json(json!({ "event": "pusher:subscribe", "data": data })).await;
+    event(&mut client, "pusher_internal:subscription_succeeded").await;
+    client
+}
+
 /// Closes a client and waits until its node has let go of it (the close handshake).
 async fn leave(mut client: Client) {
     client.ws.close(None).await.ok();
@@ -247,17 +258,8 @@ async fn a_killed_nodes_channels_are_vacated_within_the_ttl() {
     )
     .await;
     // The socket is on the doomed node only: no survivor has the channel.
-    let url = format!("ws://127.0.0.1:{}/app/{KEY}", doomed.public);
-    let mut client = Client::connect(&url).await.unwrap();
-    let established = event(&mut client, "pusher:connection_established").await;
-    let socket_id = established["data"]["socket_id"].as_str().unwrap().to_owned();
     let channel = "private-doomed";
-    client
-        .send_json(
-            json!({ "event": "pusher:subscribe", "data": { "channel": channel, "auth": auth(&socket_id, channel) } }),
-        )
-        .await;
-    event(&mut client, "pusher_internal:subscription_succeeded").await;
+    let _client = subscribe_at(&doomed, channel).await;
     receiver.exactly(1, "channel_occupied", Some(channel), Duration::ZERO).await;
 
     doomed.child.kill().unwrap();
@@ -298,16 +300,8 @@ async fn a_node_restarted_under_the_same_id_releases_what_its_previous_process_h
         ("PUSHNODE__WEBHOOKS__ENDPOINTS__0__URL", &hook),
     ];
     let mut first = ChildNode::start(&redis.url(), &env).await;
-    let mut client = Client::connect(&format!("ws://127.0.0.1:{}/app/{KEY}", first.public)).await.unwrap();
-    let established = event(&mut client, "pusher:connection_established").await;
-    let socket_id = established["data"]["socket_id"].as_str().unwrap().to_owned();
     let channel = "private-restarted";
-    client
-        .send_json(
-            json!({ "event": "pusher:subscribe", "data": { "channel": channel, "auth": auth(&socket_id, channel) } }),
-        )
-        .await;
-    event(&mut client, "pusher_internal:subscription_succeeded").await;
+    let client = subscribe_at(&first, channel).await;
     receiver.exactly(1, "channel_occupied", Some(channel), Duration::ZERO).await;
     first.child.kill().unwrap();
     first.child.wait().unwrap();
