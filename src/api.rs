@@ -455,7 +455,13 @@ async fn readyz(State(node): State<Node>) -> Response {
 }
 
 async fn metrics_text(State(node): State<Node>) -> impl IntoResponse {
-    let broker_up = node.broker().status().ready;
-    ::metrics::gauge!(m::BROKER_UP).set(if broker_up { 1.0 } else { 0.0 });
+    // Sampled here: each of the broker's lanes hears its own probes; the gauge is the stalest
+    // (0 until every lane heard one: a node that never completes a probe is stale for the
+    // alert too, which an absent series would not be).
+    let broker = node.broker();
+    ::metrics::gauge!(m::BROKER_UP).set(if broker.status().ready { 1.0 } else { 0.0 });
+    if let Some(at) = broker.probe_last_success() {
+        ::metrics::gauge!(m::BROKER_PROBE_LAST_SUCCESS).set(at);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render(node.metrics()))
 }

@@ -25,7 +25,8 @@ pub struct Outgoing {
     pub published_us: u64,
     /// Inbox id of a persisted notification (the session de-duplicates by it).
     pub persisted: Option<NoteId>,
-    /// The broker subscription generation it arrived on (see [`crate::hub::Hub::generation`]).
+    /// The broker subscription generation it arrived on, for a user channel's frames (see
+    /// [`crate::hub::Hub::generation_of`]); 0 for others.
     pub generation: u64,
 }
 

@@ -97,7 +97,14 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
 
     let link = RedisLink::from_settings(&settings.broker)?;
     // Without Redis there is no broker subscription to track: every channel is live at once.
-    let hub = Hub::new(node_id.clone(), link.is_some());
+    // With it, one lane of channels per subscriber connection.
+    let lanes = match &link {
+        Some(_) => {
+            settings.broker.subscriber_connections_for(tokio::runtime::Handle::current().metrics().num_workers())
+        }
+        None => 0,
+    };
+    let hub = Hub::with_lanes(node_id.clone(), lanes);
     let cluster = link.as_ref().is_some_and(RedisLink::is_cluster);
     let names = ChannelNames::new(&settings.broker.user_channel, &settings.broker.topic_channel, cluster);
     let broker = Broker::start(&settings.broker, link.clone(), hub.subscriptions(), &tracker, stop.clone());
@@ -194,7 +201,7 @@ pub async fn run(listeners: Listeners, settings: Settings, shutdown: Cancellatio
         tokio::spawn(acceptor::serve(listeners.public, gateway::router(node.clone()), public_limits, stop.clone()));
     let internal =
         tokio::spawn(acceptor::serve(listeners.internal, api::router(node.clone()), internal_limits, stop.clone()));
-    info!(node = %node_id, %public_addr, %internal_addr, "pushnode listening");
+    info!(node = %node_id, %public_addr, %internal_addr, subscriber_connections = lanes, "pushnode listening");
 
     shutdown.cancelled().await;
     drain(&node).await;

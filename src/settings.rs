@@ -271,6 +271,11 @@ pub struct Broker {
     pub unsubscribe_delay: Duration,
     /// Channels per SUBSCRIBE / UNSUBSCRIBE command.
     pub subscribe_batch: usize,
+    /// Subscriber connections to Redis (per shard in cluster mode): the node's channels are
+    /// spread over them by a hash of their name, so that parsing and fan-out use several
+    /// cores. `0`: one per worker thread of the runtime (`TOKIO_WORKER_THREADS`, by default
+    /// the CPUs), at most [`MAX_SUBSCRIBER_CONNECTIONS`].
+    pub subscriber_connections: usize,
     /// How often the node publishes a probe to itself through Redis.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
@@ -312,6 +317,7 @@ impl Default for Broker {
             tls_ca_file: None,
             unsubscribe_delay: Duration::from_secs(2),
             subscribe_batch: 500,
+            subscriber_connections: 0,
             probe_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(1),
@@ -320,6 +326,19 @@ impl Default for Broker {
             reconnect_max: Duration::from_secs(2),
             subscribe_wait: Duration::from_secs(2),
             unready_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The most subscriber connections a node opens (and the cap of the automatic choice).
+pub const MAX_SUBSCRIBER_CONNECTIONS: usize = 64;
+
+impl Broker {
+    /// How many subscriber connections to open on a runtime with `workers` worker threads.
+    pub fn subscriber_connections_for(&self, workers: usize) -> usize {
+        match self.subscriber_connections {
+            0 => workers.clamp(1, MAX_SUBSCRIBER_CONNECTIONS),
+            n => n,
         }
     }
 }
@@ -337,6 +356,7 @@ impl std::fmt::Debug for Broker {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("unsubscribe_delay", &self.unsubscribe_delay)
             .field("subscribe_batch", &self.subscribe_batch)
+            .field("subscriber_connections", &self.subscriber_connections)
             .field("probe_interval", &self.probe_interval)
             .field("probe_timeout", &self.probe_timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -765,6 +785,12 @@ impl Settings {
         if self.broker.subscribe_batch == 0 {
             return Err(invalid("broker.subscribe_batch", "must be at least 1"));
         }
+        if self.broker.subscriber_connections > MAX_SUBSCRIBER_CONNECTIONS {
+            return Err(invalid(
+                "broker.subscriber_connections",
+                format!("must be at most {MAX_SUBSCRIBER_CONNECTIONS} (0: one per worker thread)"),
+            ));
+        }
         if self.broker.probe_timeout <= self.broker.probe_interval {
             return Err(invalid("broker.probe_timeout", "must be longer than broker.probe_interval"));
         }
@@ -978,6 +1004,20 @@ mod tests {
         assert_eq!(settings.auth.api_keys.len(), 2);
         assert_eq!(settings.session.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(settings.limits.max_connections, 10);
+    }
+
+    #[test]
+    fn subscriber_connections_follow_the_workers_unless_set() {
+        let mut broker = Broker::default();
+        assert_eq!(broker.subscriber_connections_for(8), 8);
+        assert_eq!(broker.subscriber_connections_for(0), 1);
+        assert_eq!(broker.subscriber_connections_for(500), MAX_SUBSCRIBER_CONNECTIONS);
+        broker.subscriber_connections = 3;
+        assert_eq!(broker.subscriber_connections_for(16), 3);
+
+        let too_many = Settings::load_from(None, &env(&[("PUSHNODE__BROKER__SUBSCRIBER_CONNECTIONS", "65")]));
+        let error = too_many.unwrap_err().to_string();
+        assert!(error.contains("broker.subscriber_connections"), "{error}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{Client, TestNode, WAIT, eventually, on_redis, subscriber_ids};
+use common::{Client, LANES, TestNode, WAIT, eventually, on_redis, subscriber_ids};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,17 +149,102 @@ async fn a_killed_subscriber_connection_is_restored() {
     let before = subscriber_ids(&redis);
 
     let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
-    assert_eq!(killed, "1", "expected exactly the node's subscriber");
-    // A new subscriber connection (not the killed one), fully subscribed again.
-    eventually("the node never opened a new subscriber", || {
+    assert_eq!(killed, LANES.to_string(), "expected exactly the node's subscriber connections");
+    // New subscriber connections (not the killed ones), fully subscribed again.
+    eventually("the node never opened new subscribers", || {
         let now = subscriber_ids(&redis);
-        now.len() == 1 && now != before
+        now.len() == LANES && now.iter().all(|id| !before.contains(id))
     })
     .await;
     node.wait_ready(200).await;
     let resumed = delivery_resumes(&node, &mut client, "k").await;
     assert!(resumed < Duration::from_secs(2), "resumed after {resumed:?}");
     eventually("channel not resubscribed", || redis.numsub("pushnode:user:k") == 1).await;
+}
+
+/// The node's channels are spread over its subscriber connections. Killing one of them
+/// disturbs only its own lane: the other connection stays (same client id), and every
+/// persisted notification published before, across and after the kill reaches each user's
+/// session exactly once (the killed lane's sessions replay their gap from the inbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lost_subscriber_connection_leaves_the_other_lanes_alone_and_loses_nothing() {
+    const USERS: usize = 16;
+    const ROUNDS: usize = 6;
+    let redis = RedisServer::start();
+    let node = TestNode::on(&redis).await;
+    node.wait_ready(200).await;
+    let users: Vec<String> = (0..USERS).map(|u| format!("lane{u}")).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(node.connect(user).await);
+    }
+    let before = subscriber_ids(&redis);
+    assert_eq!(before.len(), LANES, "{before:?}");
+    // One connection per lane, and both carry some of the users (16 users in one lane of two
+    // would be a 1 in 32,768 hash accident).
+    let held: Vec<usize> = before.iter().map(|id| subscriptions_of(&redis, id)).collect();
+    assert!(held.iter().all(|&n| n > 1), "each connection holds its probe and users: {held:?}");
+    assert_eq!(held.iter().sum::<usize>(), USERS + LANES, "every user channel once, plus a probe per lane");
+
+    let mut published: Vec<Vec<String>> = vec![Vec::new(); USERS];
+    let publish_round = |round: usize| {
+        let node = &node;
+        let users = &users;
+        async move {
+            let mut ids = Vec::new();
+            for user in users {
+                let (status, body) =
+                    node.publish(json!({ "user": user, "persist": true, "data": { "round": round } })).await;
+                assert_eq!(status, 200, "{body}");
+                ids.push(body["id"].as_str().unwrap().to_owned());
+            }
+            ids
+        }
+    };
+    for round in 0..ROUNDS {
+        if round == ROUNDS / 2 {
+            let killed = redis.cli(&["CLIENT", "KILL", "ID", client_id(&before[0])]).unwrap();
+            assert_eq!(killed, "1");
+        }
+        for (u, id) in publish_round(round).await.into_iter().enumerate() {
+            published[u].push(id);
+        }
+    }
+    eventually("the killed subscriber was not replaced", || {
+        let now = subscriber_ids(&redis);
+        now.len() == LANES && !now.contains(&before[0])
+    })
+    .await;
+    assert!(subscriber_ids(&redis).contains(&before[1]), "the other lane's connection was left alone");
+    node.wait_ready(200).await;
+    for (u, id) in publish_round(ROUNDS).await.into_iter().enumerate() {
+        published[u].push(id);
+    }
+
+    for (u, client) in clients.iter_mut().enumerate() {
+        let mut seen = std::collections::HashMap::<String, usize>::new();
+        while published[u].iter().any(|id| !seen.contains_key(id)) {
+            let frame = client.next_json().await;
+            if frame["type"] == "notification" {
+                *seen.entry(frame["id"].as_str().unwrap().to_owned()).or_default() += 1;
+            }
+        }
+        assert!(seen.values().all(|&n| n == 1), "{}: duplicates {seen:?}", users[u]);
+        assert_eq!(seen.len(), ROUNDS + 1, "{}: only its own notifications: {seen:?}", users[u]);
+        client.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+/// The number of `id=<n>` (from [`subscriber_ids`]).
+fn client_id(id: &str) -> &str {
+    id.strip_prefix("id=").unwrap_or(id)
+}
+
+/// How many channels the connection `id` (`id=<n>`) has subscribed (`CLIENT LIST`'s `sub=`).
+fn subscriptions_of(redis: &RedisServer, id: &str) -> usize {
+    let list = redis.cli(&["CLIENT", "LIST", "ID", client_id(id)]).unwrap();
+    let sub = list.split(' ').find_map(|f| f.strip_prefix("sub=")).unwrap_or_else(|| panic!("{list}"));
+    sub.parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,17 +294,17 @@ async fn a_subscriber_that_silently_stops_receiving_is_detected_by_the_probe() {
     node.wait_ready(200).await;
     let mut client = node.connect("s").await;
     let before = subscriber_ids(&redis);
-    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before.len(), LANES, "{before:?}");
 
-    // The subscriber's connection stays open but nothing reaches it any more.
+    // The subscriber connections stay open but nothing reaches them any more.
     path.freeze_existing();
     node.wait_ready(503).await;
     node.wait_ready(200).await;
     delivery_resumes(&node, &mut client, "s").await;
-    // A new subscriber connection replaced the silent one, which the node let go.
-    eventually("the silent subscriber was not replaced", || {
+    // New subscriber connections replaced the silent ones, which the node let go.
+    eventually("the silent subscribers were not replaced", || {
         let now = subscriber_ids(&redis);
-        now.len() == 1 && now != before
+        now.len() == LANES && now.iter().all(|id| !before.contains(id))
     })
     .await;
 }

@@ -101,6 +101,16 @@ impl Broker {
         }
     }
 
+    /// When the stalest subscriber connection's probe last came back, in seconds since the
+    /// epoch (0: never), for `pushnode_broker_probe_last_success_timestamp_seconds`; `None`
+    /// without Redis.
+    pub fn probe_last_success(&self) -> Option<f64> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(b) => Some(b.oldest_probe_us() as f64 / 1e6),
+        }
+    }
+
     pub fn status(&self) -> BrokerStatus {
         match self {
             Self::Memory(_) => BrokerStatus { ready: true, healthy_ago: Some(Duration::ZERO) },

@@ -1,8 +1,14 @@
 //! The Redis broker: one Redis server (SUBSCRIBE / PUBLISH) or a Redis Cluster with sharded
 //! pub/sub (SSUBSCRIBE / SPUBLISH, grouped by slot).
 //!
-//! One task owns the subscriber connection (RESP3; in cluster mode one connection per shard,
-//! managed by the `redis` crate) and reconciles what Redis has with what the hub wants:
+//! The node's channels are spread over `broker.subscriber_connections` **lanes** by a hash of
+//! their name (see [`crate::hub::Subscriptions`]), so that parsing Redis pushes and fanning
+//! them out run on as many connections, and tasks, as the node has worker threads. A channel
+//! stays in its lane: its messages arrive over one connection, in order.
+//!
+//! One task per lane owns its subscriber connection (RESP3; in cluster mode one connection
+//! per shard, managed by the `redis` crate) and reconciles what Redis has with what the hub
+//! wants of that lane:
 //! - the first local session of a channel makes it SUBSCRIBE (in batches of
 //!   `broker.subscribe_batch`); the hub is told the channel is live once Redis confirmed;
 //! - when the last session leaves, the channel stays subscribed for `broker.unsubscribe_delay`
@@ -17,6 +23,10 @@
 //!   subscriber that has not seen every probe for `broker.probe_timeout` is treated as dead
 //!   (connected but no longer receiving) and reconnected, and readiness fails meanwhile.
 //!
+//! Lanes fail and recover independently: a lost connection marks only its lane's channels
+//! down, and only sessions whose user channel is in that lane replay a gap. The node is ready
+//! when every lane is.
+//!
 //! Incoming messages are handed to [`Subscriptions::deliver`] inside the connection's push
 //! callback: no channel and no task per message. Publishing goes through the link's shared
 //! command connection ([`RedisLink::query`]) and fails fast (`broker.connect_timeout`,
@@ -27,10 +37,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 use parking_lot::Mutex;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
@@ -59,11 +70,21 @@ pub struct RedisBroker {
 struct Inner {
     link: RedisLink,
     settings: settings::Broker,
+    /// One per subscriber connection.
+    lanes: Box<[Lane]>,
+    /// Channels subscribed, per lane; their sum is the `pushnode_broker_subscriptions` gauge.
+    subscribed: Box<[AtomicUsize]>,
+}
+
+/// One subscriber connection's share of the node: its view of the hub and what its push
+/// callback sees.
+#[derive(Debug)]
+struct Lane {
     hub: Subscriptions,
     inbound: Arc<Inbound>,
 }
 
-/// What the subscriber connection's push callback sees; it runs on the connection's reader.
+/// What a subscriber connection's push callback sees; it runs on the connection's reader.
 #[derive(Debug)]
 struct Inbound {
     hub: Subscriptions,
@@ -80,32 +101,57 @@ struct Inbound {
 }
 
 impl RedisBroker {
+    /// A broker with one subscriber connection per lane of `hub` (at least one).
     pub fn new(settings: &settings::Broker, link: RedisLink, hub: Subscriptions) -> Self {
-        let inbound = Arc::new(Inbound {
-            probes: Probes::new(hub.node_id()),
-            hub: hub.clone(),
-            synced: AtomicBool::new(false),
-            disconnected: Notify::new(),
-            moved: Mutex::new(HashSet::new()),
-            moved_notify: Notify::new(),
-        });
-        Self { inner: Arc::new(Inner { link, settings: settings.clone(), hub, inbound }) }
+        let lanes: Box<[Lane]> = (0..hub.lanes().max(1))
+            .map(|k| {
+                let hub = hub.lane(k);
+                // Lane 0 keeps the node's own probe name; the others add their number.
+                let probe_id = if k == 0 { hub.node_id().to_owned() } else { format!("{}#{k}", hub.node_id()) };
+                let inbound = Arc::new(Inbound {
+                    probes: Probes::new(&probe_id),
+                    hub: hub.clone(),
+                    synced: AtomicBool::new(false),
+                    disconnected: Notify::new(),
+                    moved: Mutex::new(HashSet::new()),
+                    moved_notify: Notify::new(),
+                });
+                Lane { hub, inbound }
+            })
+            .collect();
+        let subscribed = lanes.iter().map(|_| AtomicUsize::new(0)).collect();
+        Self { inner: Arc::new(Inner { link, settings: settings.clone(), lanes, subscribed }) }
     }
 
-    /// Connected, subscribed to every wanted channel, and every probe (one per shard in
-    /// cluster mode) came back recently.
+    /// Every lane connected, subscribed to every wanted channel, and every probe (one per
+    /// shard in cluster mode) came back recently.
     pub fn is_ready(&self) -> bool {
-        let inbound = &self.inner.inbound;
-        let fresh = now_micros().saturating_sub(inbound.probes.oldest_us())
-            < self.inner.settings.probe_timeout.as_micros() as u64;
-        inbound.synced.load(Ordering::Acquire) && fresh
+        let limit = self.inner.settings.probe_timeout.as_micros() as u64;
+        self.inner.lanes.iter().all(|lane| {
+            let inbound = &lane.inbound;
+            let fresh = now_micros().saturating_sub(inbound.probes.oldest_us()) < limit;
+            inbound.synced.load(Ordering::Acquire) && fresh
+        })
     }
 
-    /// How long ago the subscriber last proved it works (one of its probes came back), across
-    /// reconnects; `None` if it never did.
+    /// How long ago every subscriber connection last proved it works (one of its probes came
+    /// back), across reconnects: the stalest lane's; `None` if one never did.
     pub fn healthy_ago(&self) -> Option<Duration> {
-        let at = self.inner.inbound.probes.last_heard_us();
-        (at > 0).then(|| Duration::from_micros(now_micros().saturating_sub(at)))
+        let oldest = self.inner.lanes.iter().map(|lane| lane.inbound.probes.last_heard_us()).min().unwrap_or(0);
+        (oldest > 0).then(|| Duration::from_micros(now_micros().saturating_sub(oldest)))
+    }
+
+    /// When the stalest probe of any lane last came back, in microseconds since the epoch (0:
+    /// one never did).
+    pub fn oldest_probe_us(&self) -> u64 {
+        self.inner.lanes.iter().map(|lane| lane.inbound.probes.oldest_us()).min().unwrap_or(0)
+    }
+
+    /// Records lane `lane`'s subscription count and sets the node's gauge to the sum.
+    fn count_subscribed(&self, lane: usize, channels: usize) {
+        self.inner.subscribed[lane].store(channels, Ordering::Relaxed);
+        let total: usize = self.inner.subscribed.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+        metrics::gauge!(m::BROKER_SUBSCRIPTIONS).set(total as f64);
     }
 
     /// PUBLISH (or SPUBLISH in cluster mode), failing fast while Redis is unreachable.
@@ -116,27 +162,33 @@ impl RedisBroker {
         self.inner.link.query(&cmd).await.map(|_receivers| ()).map_err(BrokerError::from)
     }
 
-    /// The subscriber task: runs until `stop`.
+    /// The subscriber tasks, one per lane: run until `stop`.
     pub async fn run(self, stop: CancellationToken) {
+        join_all((0..self.inner.lanes.len()).map(|k| self.clone().run_lane(k, stop.clone()))).await;
+    }
+
+    /// One lane's subscriber connection, reconnected whenever it is lost.
+    async fn run_lane(self, k: usize, stop: CancellationToken) {
+        let lane = &self.inner.lanes[k];
         let mut backoff = Backoff::new(self.inner.settings.reconnect_min, self.inner.settings.reconnect_max);
         loop {
-            let inbound = self.inner.inbound.clone();
+            let inbound = lane.inbound.clone();
             let conn = tokio::select! {
                 conn = self.inner.link.connect_subscriber(move |info| inbound.on_push(info)) => conn,
                 () = stop.cancelled() => return,
             };
             match conn {
                 Ok(conn) => {
-                    info!("broker subscriber connected");
-                    self.inner.hub.set_broker_up(true);
-                    let outcome = Subscription::new(&self, conn).run(&stop, &mut backoff).await;
-                    self.inner.inbound.synced.store(false, Ordering::Release);
-                    self.inner.hub.mark_all_down();
+                    info!(lane = k, "broker subscriber connected");
+                    lane.hub.set_broker_up(true);
+                    let outcome = Subscription::new(&self, k, conn).run(&stop, &mut backoff).await;
+                    lane.inbound.synced.store(false, Ordering::Release);
+                    lane.hub.mark_all_down();
                     if outcome == Outcome::Stopped {
                         return;
                     }
                 }
-                Err(e) => warn!(error = %e, "broker subscriber cannot connect"),
+                Err(e) => warn!(lane = k, error = %e, "broker subscriber cannot connect"),
             }
             metrics::counter!(m::BROKER_RECONNECTS).increment(1);
             tokio::select! {

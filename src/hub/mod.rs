@@ -30,7 +30,7 @@ use dashmap::mapref::entry::Entry;
 
 pub use self::heartbeat::{Liveness, monotonic_ms};
 use self::members::Members;
-pub use self::subscriptions::Subscriptions;
+pub use self::subscriptions::{MAX_LANES, Subscriptions};
 use crate::metrics as m;
 use crate::outbox::{Outbox, Outgoing, PushError};
 use crate::protocol::{CloseReason, Delivery, Format};
@@ -74,6 +74,8 @@ struct Channel {
     /// The format of the session that opened it: a channel is a Pusher channel or a native
     /// one, and its deliveries build that format's frame first.
     format: Format,
+    /// Its subscriber lane (see [`subscriptions`]), kept so a delivery need not hash the name.
+    lane: u16,
 }
 
 /// Result of one fan-out.
@@ -113,14 +115,22 @@ struct Inner {
 }
 
 impl Hub {
-    /// `track_interest` is true when a broker subscribes channels on demand.
+    /// `track_interest` is true when a broker subscribes channels on demand (over one
+    /// subscriber connection; [`Hub::with_lanes`] for several).
     pub fn new(node_id: impl Into<Arc<str>>, track_interest: bool) -> Self {
+        Self::with_lanes(node_id, usize::from(track_interest))
+    }
+
+    /// A hub whose channels a broker subscribes on demand over `lanes` subscriber connections
+    /// (0: no broker subscribes anything, every channel is live at once). At most
+    /// [`MAX_LANES`].
+    pub fn with_lanes(node_id: impl Into<Arc<str>>, lanes: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 channels: DashMap::new(),
                 sessions: DashMap::new(),
                 users: DashMap::new(),
-                subscriptions: subscriptions::State::new(track_interest),
+                subscriptions: subscriptions::State::new(lanes),
                 node_id: node_id.into(),
                 socket_node: fastrand::u32(1..),
                 next_session: AtomicU64::new(1),
@@ -233,18 +243,20 @@ impl Hub {
 
     /// Adds `session` to `channel`; the first local session makes it an interest change.
     fn join(&self, channel: &Arc<str>, topic: Option<&Arc<str>>, session: &Arc<LocalSession>) {
+        let state = &self.inner.subscriptions;
         let first = {
             let mut entry = self.inner.channels.entry(channel.clone()).or_insert_with(|| Channel {
                 topic: topic.cloned(),
                 members: Members::default(),
-                live: self.inner.subscriptions.live_on_join(),
+                live: state.live_on_join(),
                 format: session.format,
+                lane: state.lane_of(channel),
             });
             entry.members.insert(session.clone());
-            entry.members.len() == 1
+            (entry.members.len() == 1).then_some(entry.lane)
         };
-        if first {
-            self.inner.subscriptions.interest_changed(channel);
+        if let Some(lane) = first {
+            state.interest_changed(channel, lane);
         }
     }
 
@@ -258,8 +270,8 @@ impl Hub {
             None => false,
         };
         // The guard above is dropped before touching the map again.
-        if emptied && self.inner.channels.remove_if(channel, |_, c| c.members.is_empty()).is_some() {
-            self.inner.subscriptions.interest_changed(channel);
+        if emptied && let Some((_, removed)) = self.inner.channels.remove_if(channel, |_, c| c.members.is_empty()) {
+            self.inner.subscriptions.interest_changed(channel, removed.lane);
         }
     }
 
@@ -281,7 +293,9 @@ impl Hub {
             // A pushnode envelope whose data no client could parse: JSON sessions skip it.
             self.inner.dropped_invalid.increment(1);
         }
-        let generation = self.generation();
+        // Only a user channel's frames tell its sessions about their lane's generation (a
+        // topic may be in another lane, whose generation means nothing to them): 0 is never new.
+        let generation = if entry.topic.is_none() { self.inner.subscriptions.generation(entry.lane) } else { 0 };
         let fallback_id = || self.next_message_id();
         // The sender of a client event (or an API publish's `socket_id`), if it is here.
         let except = delivery.except.and_then(|(node, id)| (node == self.inner.socket_node).then_some(id));

@@ -28,7 +28,7 @@ where
     pub(super) async fn welcome(&mut self) -> Result<(), CloseReason> {
         let mut state = InboxState::default();
         if let Some(inbox) = &self.ctx.inbox {
-            self.resume = Resume::new(self.ctx.hub.generation());
+            self.resume = Resume::new(self.ctx.hub.generation_of(&self.user_channel));
             match inbox.state(&self.identity.user).await {
                 Ok(s) => state = s,
                 // Live delivery still works; the gap is replayed when the inbox answers again.

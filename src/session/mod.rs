@@ -302,7 +302,7 @@ where
 
             // The hub wakes every session when the broker's subscription generation changes.
             if self.resumes() {
-                self.on_generation(self.ctx.hub.generation());
+                self.on_generation(self.ctx.hub.generation_of(&self.user_channel));
             }
             // The resync timer only exists while a gap is pending (boxed: most sessions never
             // have one, and the session future stays small).

@@ -71,10 +71,16 @@ pub fn on_cluster(s: &mut Settings, nodes: &[String]) {
     fast_broker(s);
 }
 
+/// Subscriber connections of a test node on Redis (per shard in cluster mode): more than one,
+/// so every Redis test runs with the node's channels spread over lanes.
+pub const LANES: usize = 2;
+
 /// Short broker timers, so faults show within a test's patience, but not so short that a busy
 /// 2-core machine trips them on its own: a probe or command is late by a second there at times.
 /// Readiness fails at once when the broker does (`unready_after` 0); the grace has its own test.
+/// [`LANES`] subscriber connections.
 fn fast_broker(s: &mut Settings) {
+    s.broker.subscriber_connections = LANES;
     s.broker.unsubscribe_delay = Duration::from_millis(100);
     s.broker.probe_interval = Duration::from_millis(200);
     s.broker.probe_timeout = Duration::from_secs(2);

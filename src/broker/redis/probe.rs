@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, MutexGuard};
 use redis::Value;
 
-use crate::metrics as m;
 use crate::protocol::now_micros;
 
 /// Hash slots in a Redis Cluster.
@@ -36,9 +35,6 @@ pub(super) struct Probes {
 
 impl Probes {
     pub(super) fn new(node_id: &str) -> Self {
-        // 0 ("never") until the first probe comes back: a node that never completes one is
-        // stale for the alert too, which an absent series would not be.
-        metrics::gauge!(m::BROKER_PROBE_LAST_SUCCESS).set(0.0);
         Self {
             prefix: format!("pushnode:probe:{{{node_id}").into(),
             node_id: node_id.into(),
@@ -109,9 +105,6 @@ impl Probes {
         let Some(entry) = heard.iter_mut().find(|(c, _)| &**c == channel) else { return false };
         entry.1 = now_micros();
         self.last_heard_us.store(entry.1, Ordering::Release);
-        let oldest = heard.iter().map(|(_, at)| *at).min().unwrap_or(0);
-        drop(heard);
-        metrics::gauge!(m::BROKER_PROBE_LAST_SUCCESS).set(oldest as f64 / 1e6);
         true
     }
 

@@ -14,7 +14,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::RedisBroker;
+use super::{Lane, RedisBroker};
 use crate::metrics as m;
 use crate::protocol::now_micros;
 use crate::redis_link::Conn;
@@ -31,6 +31,9 @@ pub(super) enum Outcome {
 /// One connected subscriber and the reconciliation of its channels with the hub's.
 pub(super) struct Subscription<'a> {
     broker: &'a RedisBroker,
+    /// The lane this connection serves.
+    lane: &'a Lane,
+    index: usize,
     conn: Conn,
     /// Confirmed by Redis.
     subscribed: HashSet<Arc<str>>,
@@ -41,14 +44,23 @@ pub(super) struct Subscription<'a> {
 }
 
 impl<'a> Subscription<'a> {
-    pub(super) fn new(broker: &'a RedisBroker, conn: Conn) -> Self {
-        Self { broker, conn, subscribed: HashSet::new(), pending: HashSet::new(), lingering: HashMap::new() }
+    pub(super) fn new(broker: &'a RedisBroker, index: usize, conn: Conn) -> Self {
+        let lane = &broker.inner.lanes[index];
+        Self {
+            broker,
+            lane,
+            index,
+            conn,
+            subscribed: HashSet::new(),
+            pending: HashSet::new(),
+            lingering: HashMap::new(),
+        }
     }
 
     pub(super) async fn run(mut self, stop: &CancellationToken, backoff: &mut Backoff) -> Outcome {
         let inner = &self.broker.inner;
         let settings = &inner.settings;
-        let inbound = inner.inbound.clone();
+        let (hub, inbound) = (&self.lane.hub, self.lane.inbound.clone());
 
         // Full sync: every channel the hub wants, plus the probe channels (which also covers
         // any channel a slot move took from the previous connection).
@@ -56,8 +68,8 @@ impl<'a> Subscription<'a> {
         inbound.take_moved();
         let Some(probes) = self.probe_channels().await else { return Outcome::Lost };
         inbound.probes.reset(&probes);
-        inner.hub.take_changes();
-        self.pending.extend(inner.hub.wanted());
+        hub.take_changes();
+        self.pending.extend(hub.wanted());
         self.pending.extend(probes);
         if !self.flush_pending().await {
             return Outcome::Lost;
@@ -65,7 +77,7 @@ impl<'a> Subscription<'a> {
         metrics::histogram!(m::BROKER_RESUBSCRIBE_DURATION).record(started.elapsed().as_secs_f64());
         // Sessions replay from the inbox what was published while we were not subscribed, and
         // whoever loaded something into Redis loads it again (it may have restarted).
-        inner.hub.resubscribed();
+        hub.resubscribed();
         inner.link.advance_epoch();
         debug!(channels = self.subscribed.len(), elapsed = ?started.elapsed(), "broker subscribed");
         backoff.reset();
@@ -94,7 +106,7 @@ impl<'a> Subscription<'a> {
                     self.on_moved();
                     self.flush_pending().await;
                 }
-                () = inner.hub.changed() => {
+                () = hub.changed() => {
                     self.on_interest_changes();
                     if !self.flush_pending().await && !self.is_cluster() {
                         return Outcome::Lost;
@@ -138,7 +150,7 @@ impl<'a> Subscription<'a> {
     /// This subscription's probe channels: one, or one per shard from `CLUSTER SLOTS`.
     /// `None` if the cluster's slots cannot be read.
     async fn probe_channels(&self) -> Option<Vec<Arc<str>>> {
-        let probes = &self.broker.inner.inbound.probes;
+        let probes = &self.lane.inbound.probes;
         if !self.is_cluster() {
             return Some(vec![probes.single()]);
         }
@@ -154,7 +166,7 @@ impl<'a> Subscription<'a> {
     /// Follows the cluster's slots: subscribes the probe of a new shard, drops a gone one's.
     async fn refresh_probes(&mut self) {
         let Some(channels) = self.probe_channels().await else { return };
-        let (added, removed) = self.broker.inner.inbound.probes.replace(&channels);
+        let (added, removed) = self.lane.inbound.probes.replace(&channels);
         if !added.is_empty() || !removed.is_empty() {
             debug!(added = added.len(), removed = removed.len(), "cluster slots moved; probes follow");
         }
@@ -168,7 +180,7 @@ impl<'a> Subscription<'a> {
     /// learn of the gap first, then the channels are subscribed again (the cluster client
     /// routes them to the slot's new owner).
     fn on_moved(&mut self) {
-        let moved = self.broker.inner.inbound.take_moved();
+        let moved = self.lane.inbound.take_moved();
         if moved.is_empty() {
             return;
         }
@@ -177,7 +189,7 @@ impl<'a> Subscription<'a> {
         for channel in &moved {
             self.subscribed.remove(channel);
         }
-        self.broker.inner.hub.interrupt(&moved);
+        self.lane.hub.interrupt(&moved);
         self.pending.extend(moved);
     }
 
@@ -187,7 +199,7 @@ impl<'a> Subscription<'a> {
 
     /// Sorts the hub's interest changes into subscribe, keep, or linger.
     fn on_interest_changes(&mut self) {
-        let hub = &self.broker.inner.hub;
+        let hub = &self.lane.hub;
         let delay = self.broker.inner.settings.unsubscribe_delay;
         let mut live = Vec::new();
         for channel in hub.take_changes() {
@@ -214,8 +226,8 @@ impl<'a> Subscription<'a> {
         if self.pending.is_empty() {
             return true;
         }
-        let hub = &self.broker.inner.hub;
-        let probes = &self.broker.inner.inbound.probes;
+        let hub = &self.lane.hub;
+        let probes = &self.lane.inbound.probes;
         let channels: Vec<Arc<str>> = self.pending.drain().filter(|c| probes.contains(c) || hub.is_wanted(c)).collect();
         let mut ok = true;
         for batch in channels.chunks(self.broker.inner.settings.subscribe_batch) {
@@ -226,19 +238,19 @@ impl<'a> Subscription<'a> {
             hub.mark_live(&confirmed);
             self.pending.extend(failed);
         }
-        metrics::gauge!(m::BROKER_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
+        self.broker.count_subscribed(self.index, self.subscribed.len());
         ok
     }
 
     /// Unsubscribes channels whose linger ran out and that nobody wants again.
     async fn unsubscribe_expired(&mut self) -> bool {
         let now = Instant::now();
-        let hub = &self.broker.inner.hub;
+        let hub = &self.lane.hub;
         let due: Vec<Arc<str>> = self.lingering.iter().filter(|(_, at)| **at <= now).map(|(c, _)| c.clone()).collect();
         let mut expired = Vec::with_capacity(due.len());
         for channel in due {
             self.lingering.remove(&channel);
-            if !hub.is_wanted(&channel) && !self.broker.inner.inbound.probes.contains(&channel) {
+            if !hub.is_wanted(&channel) && !self.lane.inbound.probes.contains(&channel) {
                 expired.push(channel);
             }
         }
@@ -256,7 +268,7 @@ impl<'a> Subscription<'a> {
                 self.lingering.insert(channel, now);
             }
         }
-        metrics::gauge!(m::BROKER_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
+        self.broker.count_subscribed(self.index, self.subscribed.len());
         ok
     }
 
