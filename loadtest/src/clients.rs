@@ -27,10 +27,15 @@ pub struct Stamp {
     pub u: u64,
 }
 
-/// A JSON session's notification frame: the published payload is its `data`.
+/// A JSON session's notification frame: the published payload is its `data`; a persisted
+/// one carries its inbox id.
 #[derive(Debug, Deserialize)]
 struct Envelope {
     data: Stamp,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    persisted: bool,
 }
 
 /// A Pusher event frame: `data` is a string holding the stamp.
@@ -114,6 +119,24 @@ struct Conn {
     stalled: AtomicBool,
     /// Wakes the connection to drop and reopen its socket (churn).
     reconnect: Notify,
+    /// Added to the index to pick the node: a connection that cannot reach its node moves on
+    /// to the next one, as behind a load balancer.
+    target: AtomicUsize,
+    /// Persisted notifications received: the stamp's sequence and how many copies arrived,
+    /// and the newest inbox id, passed as `last_id` on reconnect (what `pushnode.js` does).
+    persisted: Mutex<Persisted>,
+}
+
+#[derive(Default)]
+pub struct Persisted {
+    pub copies: std::collections::HashMap<u64, u32>,
+    last_id: Option<(u64, u64)>,
+}
+
+/// An inbox id `<ms>-<seq>` as a comparable pair.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 #[derive(Clone)]
@@ -164,6 +187,8 @@ impl Fleet {
                     connected: AtomicBool::new(false),
                     stalled: AtomicBool::new(false),
                     reconnect: Notify::new(),
+                    target: AtomicUsize::new(0),
+                    persisted: Mutex::new(Persisted::default()),
                 })
             })
             .collect();
@@ -238,8 +263,24 @@ impl Fleet {
         }
     }
 
+    /// Runs `f` on connection `i`'s persisted ledger.
+    pub fn persisted<T>(&self, i: usize, f: impl FnOnce(&Persisted) -> T) -> T {
+        f(&self.inner.conns[i].persisted.lock().expect("poisoned"))
+    }
+
+    /// Which node (index into the URLs) connection `i` uses now.
+    pub fn node_of(&self, i: usize) -> usize {
+        let conn = &self.inner.conns[i];
+        (conn.index + conn.target.load(Ordering::Acquire)) % self.inner.targets.len()
+    }
+
+    /// Asks connection `i` to drop its socket and connect again (churn).
+    pub fn reconnect(&self, i: usize) {
+        self.inner.conns[i].reconnect.notify_one();
+    }
+
     fn url(&self, conn: &Conn) -> (SocketAddr, String) {
-        let (addr, base) = &self.inner.targets[conn.index % self.inner.targets.len()];
+        let (addr, base) = &self.inner.targets[self.node_of(conn.index)];
         if self.inner.args.format == Format::Pusher {
             let key = &self.inner.args.pusher_key;
             return (*addr, format!("ws://{addr}/app/{key}?protocol=7&client=js&version=8.6.0"));
@@ -256,7 +297,11 @@ impl Fleet {
             Format::Raw => "raw",
             Format::Json | Format::Pusher => "json",
         };
-        (*addr, format!("{base}?{auth}&format={format}"))
+        let resume = match conn.persisted.lock().expect("poisoned").last_id {
+            Some((ms, seq)) => format!("&last_id={ms}-{seq}"),
+            None => String::new(),
+        };
+        (*addr, format!("{base}?{auth}&format={format}{resume}"))
     }
 
     async fn open(&self, conn: &Conn) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
@@ -347,9 +392,11 @@ impl Fleet {
         }
     }
 
-    /// One connection's life: connect, read until told otherwise, reconnect on churn.
+    /// One connection's life: connect, read until told otherwise, reconnect on churn. A failed
+    /// connect is retried on the next node after a jittered delay growing from 100 ms to 2 s.
     async fn drive(self, conn: Arc<Conn>, permits: Arc<Semaphore>) {
         let mut first = true;
+        let mut failures = 0u32;
         loop {
             let ws = {
                 let _permit = permits.acquire().await.expect("semaphore");
@@ -368,9 +415,13 @@ impl Fleet {
                 if self.inner.args.scenario == Scenario::Storm || self.inner.closing.load(Ordering::Acquire) {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.target.fetch_add(1, Ordering::AcqRel);
+                let cap = (100u64 << failures.min(5)).min(2000);
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(cap / 2..=cap))).await;
                 continue;
             };
+            failures = 0;
             conn.connected.store(true, Ordering::Release);
             let reopen = self.read(&conn, &mut ws).await;
             conn.connected.store(false, Ordering::Release);
@@ -416,7 +467,18 @@ impl Fleet {
             let Message::Text(text) = frame else { continue };
             let stamp = match self.inner.args.format {
                 Format::Raw => serde_json::from_str::<Stamp>(&text).ok(),
-                Format::Json => serde_json::from_str::<Envelope>(&text).ok().map(|e| e.data),
+                Format::Json => match serde_json::from_str::<Envelope>(&text) {
+                    // Persisted notifications (live or replayed) go to the connection's ledger,
+                    // not to the live figures.
+                    Ok(Envelope { data, id: Some(id), persisted: true }) => {
+                        let mut ledger = conn.persisted.lock().expect("poisoned");
+                        *ledger.copies.entry(data.s).or_default() += 1;
+                        ledger.last_id = ledger.last_id.max(parse_id(&id));
+                        continue;
+                    }
+                    Ok(e) => Some(e.data),
+                    Err(_) => None,
+                },
                 Format::Pusher => {
                     // The node's heartbeat: answer as pusher-js does.
                     if text.contains(r#""event":"pusher:ping""#) {

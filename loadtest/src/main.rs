@@ -11,6 +11,7 @@ mod floor;
 mod publish;
 mod report;
 mod sink;
+mod soak;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -51,6 +52,11 @@ pub enum Scenario {
     Slow,
     /// CLIENT KILL TYPE pubsub with every user subscribed; time until all channels are back.
     Resubscribe,
+    /// Long steady run (JSON sessions): live unicast at --rate through Redis, persisted
+    /// notifications at --persist-rate through the API, reconnect churn, a timeline every
+    /// 10 s; `loadtest/run.sh soak` adds the faults. Checks every persisted notification
+    /// reached its device exactly once after de-duplication by id.
+    Soak,
 }
 
 /// The session format the clients ask for.
@@ -138,6 +144,15 @@ pub struct RunArgs {
     /// Connections closed and reopened per second (churn scenario).
     #[arg(long, default_value_t = 500)]
     pub churn_per_second: usize,
+    /// Soak: persisted notifications per second through the API (0: a twentieth of --rate).
+    #[arg(long, default_value_t = 0.0)]
+    pub persist_rate: f64,
+    /// Soak: share of the connections that reconnect every minute, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    pub churn_percent_per_minute: f64,
+    /// Soak: write the timeline (CSV, a line every 10 s) here.
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -162,12 +177,18 @@ fn main() -> anyhow::Result<()> {
             if args.scenario == Scenario::Broadcast && args.jwt_secret.is_none() && args.format != Format::Pusher {
                 bail!("broadcast needs --jwt-secret: topic channels are granted by the token");
             }
+            if args.scenario == Scenario::Soak && args.format != Format::Json {
+                bail!("soak needs --format json: persisted notifications come with inbox ids");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = runtime.block_on(run(*args.clone()))?;
             println!("{}", report.summary());
             if let Some(path) = &args.json {
                 std::fs::write(path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if report.soak.as_ref().is_some_and(|s| !s.passed()) {
+                bail!("the soak failed its checks (see above)");
             }
             Ok(())
         }
@@ -212,6 +233,11 @@ async fn run(args: RunArgs) -> anyhow::Result<report::Report> {
         Scenario::Resubscribe => {
             report.resubscribe_seconds = Some(publish::resubscribe(&args, &fleet).await?);
             report.node_after = nodes.sample();
+        }
+        Scenario::Soak => {
+            report.soak = Some(soak::run(&args, &fleet).await?);
+            report.node_after = nodes.sample();
+            report.still_connected = Some(fleet.connected());
         }
     }
     fleet.close();

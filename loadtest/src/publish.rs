@@ -115,22 +115,9 @@ fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<P
     let mut cpu_start = None;
     let mut next = 0usize;
     let tick = args.publish_tick.max(Duration::from_micros(50));
-    let per_tick = (args.rate as f64 * tick.as_secs_f64()).max(0.0);
-    let mut deadline = start;
-    let mut carry = 0.0;
+    let mut pacer = Pacer::new(args.rate, tick, start);
     while Instant::now() < end {
-        let batch = if args.rate == 0 {
-            MAX_BATCH
-        } else {
-            deadline += tick;
-            if let Some(wait) = deadline.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            carry += per_tick;
-            let n = carry.floor() as usize;
-            carry -= n as f64;
-            n
-        };
+        let batch = if args.rate == 0 { MAX_BATCH } else { pacer.next() };
         if cpu_start.is_none() && Instant::now() >= measure_from {
             cpu_start = Some(nodes.sample());
             stats.reset_latency();
@@ -179,6 +166,33 @@ fn publish(args: &RunArgs, fleet: &Fleet, nodes: &NodeProbe) -> anyhow::Result<P
         failures,
         node_cpu_seconds: cpu_start.map(|s| cpu_end.cpu_seconds - s.cpu_seconds).unwrap_or(0.0),
     })
+}
+
+/// Paces a publishing thread: `rate` messages per second, released once per `tick`.
+pub struct Pacer {
+    per_tick: f64,
+    tick: Duration,
+    deadline: Instant,
+    carry: f64,
+}
+
+impl Pacer {
+    pub fn new(rate: u64, tick: Duration, start: Instant) -> Self {
+        Self { per_tick: rate as f64 * tick.as_secs_f64(), tick, deadline: start, carry: 0.0 }
+    }
+
+    /// Sleeps until the next tick (a deadline, which the async timer's millisecond
+    /// granularity cannot keep) and returns how many messages are due in it.
+    pub fn next(&mut self) -> usize {
+        self.deadline += self.tick;
+        if let Some(wait) = self.deadline.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        self.carry += self.per_tick;
+        let n = self.carry.floor() as usize;
+        self.carry -= n as f64;
+        n
+    }
 }
 
 /// Samples, every 100 ms, the output buffer Redis holds for each subscriber connection

@@ -127,6 +127,7 @@ pub struct Report {
     pub traffic: Option<TrafficReport>,
     pub churn: Option<ChurnReport>,
     pub resubscribe_seconds: Option<f64>,
+    pub soak: Option<crate::soak::SoakReport>,
     /// Connections on the nodes from all generators (RSS per connection is divided by it).
     pub total_connections: Option<usize>,
 }
@@ -149,6 +150,7 @@ impl Report {
             traffic: None,
             churn: None,
             resubscribe_seconds: None,
+            soak: None,
             total_connections: args.total_connections,
         }
     }
@@ -233,6 +235,25 @@ impl Report {
         }
         if let Some(s) = self.resubscribe_seconds {
             let _ = writeln!(out, "resubscribe: all channels back {s:.3} s after CLIENT KILL TYPE pubsub");
+        }
+        if let Some(s) = &self.soak {
+            let l = &s.live_latency_us;
+            let _ = writeln!(
+                out,
+                "soak live: {} published, {} received (at most once: devices reconnecting miss some), p50 {} µs p99 {} µs p99.9 {} µs max {} µs",
+                s.live_published, s.live_received, l.p50, l.p99, l.p999, l.max
+            );
+            let _ = writeln!(
+                out,
+                "soak persisted: {} published ({} refused), {} missing at the end, {} extra copies removed by id",
+                s.persisted_published, s.persisted_refused, s.persisted_missing, s.persisted_extra_copies
+            );
+            let _ = writeln!(
+                out,
+                "soak churn: {} reconnects asked; {} connected at the end; user channels not subscribed exactly once: {}",
+                s.reconnects_asked, s.connected_at_end, s.channels_not_once
+            );
+            let _ = writeln!(out, "soak verdict: {}", if s.passed() { "PASS" } else { "FAIL" });
         }
         if let Some(n) = self.still_connected {
             let _ = writeln!(out, "still connected at the end: {n}");
