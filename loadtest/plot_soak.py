@@ -3,8 +3,11 @@
 
 Reads nodes.csv (each node's RSS, descriptors and sessions every 10 s), timeline*.csv (each
 generator's live p50/p99 every 10 s) and faults.csv, writes soak.png (RSS per node and live p99
-over time, faults marked) and prints each node process's RSS slope after its warm-up (a least
-squares line through its samples: flat memory means a slope near zero).
+over time, faults marked) and prints each node process's RSS slope (a least squares line
+through its samples: flat memory means a slope near zero) over its steady windows: after its
+warm-up and before the first fault, and from two minutes after the last fault to the end.
+A fault moves RSS on purpose (a resubscribe, a node's clients moving to the others), so the
+windows leave them out.
 """
 
 import csv
@@ -44,9 +47,13 @@ def main(out):
     minutes = lambda t: (int(t) - t0) / 60.0  # noqa: E731
     span = max(minutes(r["time"]) for r in nodes)
     warm = min(5.0, span * 0.2)
+    fault_times = [minutes(f["time"]) for f in faults]
+    settle = 2.0
+    windows = [(0.0, min(fault_times, default=span)), (max(fault_times, default=span) + settle, span)]
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
-    print("--- soak: RSS slope per node process after its warm-up (%.1f min)" % warm)
+    print("--- soak: RSS slope per node process in its steady windows (after a %.1f min warm-up, "
+          "outside the faults and %.0f min after them)" % (warm, settle))
     for k, node in enumerate(sorted({r["node"] for r in nodes}, key=int)):
         samples = [r for r in nodes if r["node"] == node]
         # One line per process: a restarted node starts a new one.
@@ -55,15 +62,15 @@ def main(out):
             top.plot([x for x, _ in segment], [y / 1024 for _, y in segment], color="C%d" % k,
                      label="node" + node if n == 0 else None)
             start = segment[0][0]
-            steady = [(x, y) for x, y in segment if x - start >= warm]
-            if len(steady) < 3:
-                print("node%s (pid %s): %d samples after warm-up, too few for a slope" % (node, pid, len(steady)))
-                continue
-            s, mean = slope(steady)
-            print(
-                "node%s (pid %s): %+.1f KiB/min over %.1f min (mean %.1f MiB, %+.2f %% per hour)"
-                % (node, pid, s, steady[-1][0] - steady[0][0], mean / 1024, s * 60 * 100 / mean)
-            )
+            for lo, hi in windows:
+                steady = [(x, y) for x, y in segment if x - start >= warm and lo <= x <= hi]
+                if len(steady) < 3:
+                    continue
+                s, mean = slope(steady)
+                print(
+                    "node%s (pid %s), minutes %.1f-%.1f: %+.1f KiB/min (mean %.1f MiB, %+.2f %% per hour)"
+                    % (node, pid, steady[0][0], steady[-1][0], s, mean / 1024, s * 60 * 100 / mean)
+                )
     top.set_ylabel("RSS (MiB)")
     top.set_ylim(bottom=0)
     top.legend(loc="lower right")

@@ -393,7 +393,7 @@ impl Fleet {
     }
 
     /// One connection's life: connect, read until told otherwise, reconnect on churn. A failed
-    /// connect is retried on the next node after a jittered delay growing from 100 ms to 2 s.
+    /// connect is retried on another node after a jittered delay growing from 100 ms to 2 s.
     async fn drive(self, conn: Arc<Conn>, permits: Arc<Semaphore>) {
         let mut first = true;
         let mut failures = 0u32;
@@ -415,7 +415,9 @@ impl Fleet {
                 if self.inner.args.scenario == Scenario::Storm || self.inner.closing.load(Ordering::Acquire) {
                     return;
                 }
-                conn.target.fetch_add(1, Ordering::AcqRel);
+                // Another node, at random (as a load balancer spreads them), not always the next.
+                let others = self.inner.targets.len().saturating_sub(1).max(1);
+                conn.target.fetch_add(1 + fastrand::usize(..others), Ordering::AcqRel);
                 let cap = (100u64 << failures.min(5)).min(2000);
                 failures += 1;
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(cap / 2..=cap))).await;
