@@ -32,18 +32,8 @@ async fn the_demo_page_shows_a_sent_notification_in_its_badge() {
     let node = TestNode::with(|s| s.demo.enabled = true).await;
     let base = format!("http://{}", node.public);
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo.png");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg(dir.join("demo.mjs")).arg(&base).arg(&screenshot).env("CHROMIUM", chromium).output()
-    })
-    .await
-    .unwrap()
-    .expect("cannot run node");
-    assert!(
-        output.status.success(),
-        "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let args = vec![base, screenshot.display().to_string()];
+    common::run_node_script(dir.join("demo.mjs"), args, Some(chromium)).await;
     node.stop().await;
 }
 
@@ -117,21 +107,6 @@ async fn laravel_echo_in_chromium_gets_what_was_sent_while_the_browser_was_close
         "base": format!("http://{}", node.public),
         "appId": "1", "key": "browser-key", "secret": "browser-secret-0123",
     });
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(dir.join("pusher-browser.mjs"))
-            .arg(config.to_string())
-            .env("CHROMIUM", chromium)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("cannot run node");
-    assert!(
-        output.status.success(),
-        "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_node_script(dir.join("pusher-browser.mjs"), vec![config.to_string()], Some(chromium)).await;
     node.stop().await;
 }

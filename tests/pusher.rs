@@ -43,19 +43,7 @@ async fn scenario(name: &str, nodes: &[&TestNode]) -> bool {
         "api": nodes[0].public.to_string(),
         "appId": APP_ID, "key": KEY, "secret": APP_SECRET,
     });
-    let name = name.to_owned();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg(dir.join("pusher.mjs")).arg(&name).arg(config.to_string()).output()
-    })
-    .await
-    .unwrap()
-    .expect("cannot run node");
-    assert!(
-        output.status.success(),
-        "pusher.mjs failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_node_script(dir.join("pusher.mjs"), vec![name.to_owned(), config.to_string()], None).await;
     true
 }
 

@@ -91,6 +91,29 @@ fn fast_broker(s: &mut Settings) {
     s.broker.unready_after = Duration::ZERO;
 }
 
+/// Runs `node <script> <args...>` (with `CHROMIUM` set when given) to its end, off the
+/// runtime's threads, and fails the test with its output unless it exits successfully.
+pub async fn run_node_script(script: std::path::PathBuf, args: Vec<String>, chromium: Option<String>) {
+    let name = script.display().to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new("node");
+        command.arg(&script).args(&args);
+        if let Some(chromium) = chromium {
+            command.env("CHROMIUM", chromium);
+        }
+        command.output()
+    })
+    .await
+    .unwrap()
+    .expect("cannot run node");
+    assert!(
+        output.status.success(),
+        "{name} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// The ids of the subscriber (pub/sub) connections `CLIENT LIST` shows on `redis`.
 pub fn subscriber_ids(redis: &redis::RedisServer) -> Vec<String> {
     let list = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]).unwrap();
