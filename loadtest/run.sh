@@ -9,10 +9,12 @@
 #   loadtest/run.sh unicast 19000 --rate 5000 --publish-via api   # through POST /api/publish
 #   loadtest/run.sh unicast 19000 --rate 20000 --format pusher     # Pusher sessions (signed in)
 #   loadtest/run.sh floor
+#   loadtest/run.sh floor --rate 20000 --connections 9000   # paced, to sleeping readers
 #   loadtest/run.sh soak 30000 --rate 500 --connect-concurrency 1000   # 30 min, 3 nodes, faults
 #
 # Scenarios: idle unicast broadcast storm churn slow resubscribe soak (see pushnode-loadtest
 # --help). NO_BUILD=1 skips the release build (when target/release is known to be current).
+# NODE_BIN=path runs that pushnode binary as the nodes instead (before/after comparisons).
 #
 # soak: NODES=3 GENERATORS=2 by default, JSON sessions, SOAK_SECONDS long (1800). In the middle
 # it kills every subscriber connection three times (at 40, 45 and 50 % of the run) and stops a
@@ -25,8 +27,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scenario=${1:?scenario}
-connections=${2:-1000}
-shift $(( $# >= 2 ? 2 : 1 ))
+shift
+connections=1000
+# floor takes no connection count (its options follow the scenario directly).
+if [[ $scenario != floor && $# -ge 1 ]]; then connections=$1; shift; fi
 soak_seconds=${SOAK_SECONDS:-1800}
 if [[ $scenario == soak ]]; then
   nodes=${NODES:-3}
@@ -47,12 +51,12 @@ bin=target/$profile
 out="loadtest/results/$(date +%Y%m%dT%H%M%S)-$scenario"
 mkdir -p "$out"
 
+ulimit -n "$(ulimit -Hn)"
 if [[ $scenario == floor ]]; then
   "$bin/pushnode-loadtest" floor --json "$out/floor.json" "$@" | tee "$out/summary.txt"
   exit 0
 fi
 
-ulimit -n "$(ulimit -Hn)"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -96,7 +100,7 @@ start_node() {
   PUSHNODE__LIMITS__MAX_CONNECTIONS=60000 \
   PUSHNODE__LOG__FILTER=warn \
   TOKIO_WORKER_THREADS=${NODE_WORKERS:-2} \
-    "$bin/pushnode" serve >>"$out/node$i.log" 2>&1 &
+    "${NODE_BIN:-$bin/pushnode}" serve >>"$out/node$i.log" 2>&1 &
   pids+=($!); node_pids[$i]=$!
   echo $! >"$out/node$i.pid"
   until curl -sf "http://127.0.0.1:$internal/readyz" >/dev/null; do sleep 0.05; done

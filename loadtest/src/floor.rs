@@ -1,6 +1,15 @@
 //! The machine's floor: how many small writes per CPU-second loopback TCP takes. One thread
 //! writes `size`-byte messages round-robin to `connections` sockets (as fan-out does); other
 //! threads drain them. Only the writing thread's CPU time counts.
+//!
+//! By default the writer writes as fast as it can and two threads drain the sockets by
+//! polling them, so no write has to wake a reader: the cost of the write alone. With `--rate`
+//! the writer writes that many per second in 1 ms ticks (sleeping in between, as a node
+//! between a publisher's pipelines) and the sockets are read by tasks of a two-thread tokio
+//! runtime that sleep in `epoll_wait` when there is nothing to read, as a load generator's
+//! (and a browser's) do. On loopback, waking the reader is done by the writing thread inside
+//! its `write`, so this "paced floor" is what one delivery costs a node in `loadtest/run.sh
+//! unicast` at that rate before the node does anything of its own.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,6 +28,10 @@ pub struct FloorArgs {
     pub size: usize,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Writes per second in 1 ms ticks, read by sleeping (epoll) readers; 0: as fast as
+    /// possible, read by polling threads.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
@@ -26,6 +39,7 @@ pub struct FloorArgs {
 #[derive(Debug, Serialize)]
 struct FloorReport {
     connections: usize,
+    rate: u64,
     size: usize,
     writes: u64,
     seconds: f64,
@@ -54,21 +68,47 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
         writers.push(w);
         readers.push(listener.accept()?.0);
     }
-    // Two drain threads, like clients reading on the other core.
     let stop = Arc::new(AtomicBool::new(false));
     let mut drains = Vec::new();
-    for chunk in split(readers, 2) {
-        let stop = stop.clone();
-        drains.push(std::thread::spawn(move || drain(chunk, &stop)));
+    let mut epoll_readers = None;
+    if args.rate == 0 {
+        // Two drain threads, like clients reading on the other core.
+        for chunk in split(readers, 2) {
+            let stop = stop.clone();
+            drains.push(std::thread::spawn(move || drain(chunk, &stop)));
+        }
+    } else {
+        epoll_readers = Some(read_sleeping(readers)?);
     }
     let message = vec![b'x'; args.size];
     let started = Instant::now();
     let cpu_start = thread_cpu_seconds();
     let mut writes = 0u64;
-    while started.elapsed() < args.duration {
-        for w in &mut writers {
-            w.write_all(&message)?;
-            writes += 1;
+    if args.rate == 0 {
+        while started.elapsed() < args.duration {
+            for w in &mut writers {
+                w.write_all(&message)?;
+                writes += 1;
+            }
+        }
+    } else {
+        let tick = Duration::from_millis(1);
+        let mut next = started;
+        let mut ring = writers.iter().cycle();
+        let mut owed = 0.0f64;
+        while started.elapsed() < args.duration {
+            owed += args.rate as f64 / 1000.0;
+            while owed >= 1.0 {
+                if let Some(mut w) = ring.next() {
+                    w.write_all(&message)?;
+                }
+                writes += 1;
+                owed -= 1.0;
+            }
+            next += tick;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
         }
     }
     let cpu = thread_cpu_seconds() - cpu_start;
@@ -78,8 +118,12 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
     for d in drains {
         let _ = d.join();
     }
+    if let Some(runtime) = epoll_readers {
+        runtime.shutdown_background();
+    }
     let report = FloorReport {
         connections: args.connections,
+        rate: args.rate,
         size: args.size,
         writes,
         seconds,
@@ -87,8 +131,9 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
         writes_per_cpu_second: writes as f64 / cpu.max(1e-9),
         writes_per_second: writes as f64 / seconds,
     };
+    let paced = if args.rate > 0 { format!(" paced at {}/s to sleeping readers", args.rate) } else { String::new() };
     println!(
-        "floor: {} writes of {} bytes to {} sockets in {:.2} s; writer CPU {:.2} s: {:.0} writes per CPU-second ({:.0}/s wall)",
+        "floor{paced}: {} writes of {} bytes to {} sockets in {:.2} s; writer CPU {:.2} s: {:.0} writes per CPU-second ({:.0}/s wall)",
         report.writes,
         report.size,
         report.connections,
@@ -112,6 +157,22 @@ fn split(mut v: Vec<TcpStream>, parts: usize) -> Vec<Vec<TcpStream>> {
         v = rest;
     }
     out
+}
+
+/// Reads every socket in a task of a two-thread tokio runtime: readers that sleep in
+/// `epoll_wait` while nothing arrives. Shut down by the caller.
+fn read_sleeping(readers: Vec<TcpStream>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_io().build()?;
+    for socket in readers {
+        socket.set_nonblocking(true)?;
+        runtime.spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let Ok(mut socket) = tokio::net::TcpStream::from_std(socket) else { return };
+            let mut buf = [0u8; 4096];
+            while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+    }
+    Ok(runtime)
 }
 
 /// Reads every socket non-blockingly until told to stop.
