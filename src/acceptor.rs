@@ -262,9 +262,17 @@ impl ConnState {
 /// The socket as hyper reads it: the first read marks the connection idle (from then on the
 /// node waits for the client). The mark is given up after that, so an upgraded WebSocket
 /// keeps no reference to the pool.
-struct Watched {
+#[derive(Debug)]
+pub struct Watched {
     stream: TcpStream,
     first_read: Option<Arc<ConnState>>,
+}
+
+impl Watched {
+    /// The socket, once the connection is upgraded and leaves the HTTP server.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
 }
 
 impl tokio::io::AsyncRead for Watched {

@@ -21,20 +21,23 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tracing::debug;
+use tracing::{debug, error};
 
+use crate::acceptor::Watched;
 use crate::auth::{AuthError, bearer};
 use crate::channel::valid_name;
 use crate::metrics as m;
 use crate::node::Node;
 use crate::protocol::{CloseReason, Format, NoteId};
 use crate::session;
+use crate::wire::{Wire, WireIo};
 
 const DEMO_PAGE: &str = include_str!("assets/demo.html");
 const INDEX_PAGE: &str = include_str!("assets/index.html");
@@ -155,9 +158,11 @@ async fn upgrade(State(node): State<Node>, Query(query): Query<ConnectQuery>, mu
                 if identity.user.starts_with(session::test_hooks::SLOW_START_USER) {
                     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                 }
-                let io = session::Metered::new(TokioIo::new(upgraded), frames_per_second);
+                let Some(io) = wire_io(upgraded) else { return };
+                let wire = io.wire().clone();
+                let io = session::Metered::new(io, frames_per_second);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                session::run(ws, ctx, identity, format, last_id).await;
+                session::run(ws, wire, ctx, identity, format, last_id).await;
             }
             Err(e) => debug!(error = %e, "upgrade failed"),
         }
@@ -195,10 +200,12 @@ async fn pusher_upgrade(State(node): State<Node>, Path(key): Path<String>, mut r
         let _admission = admission;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let io = session::Metered::new(TokioIo::new(upgraded), frames_per_second);
+                let Some(io) = wire_io(upgraded) else { return };
+                let wire = io.wire().clone();
+                let io = session::Metered::new(io, frames_per_second);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(*config)).await;
                 match app {
-                    Ok(app) => session::run_pusher(ws, ctx, app).await,
+                    Ok(app) => session::run_pusher(ws, wire, ctx, app).await,
                     Err(reason) => session::refuse_pusher(ws, reason).await,
                 }
             }
@@ -207,6 +214,20 @@ async fn pusher_upgrade(State(node): State<Node>, Path(key): Path<String>, mut r
     });
     metrics::histogram!(m::HANDSHAKE_DURATION).record(started.elapsed().as_secs_f64());
     switching_protocols(&accept)
+}
+
+/// The upgraded connection's TCP socket, shared by the session and fan-out ([`Wire`]), with
+/// whatever the HTTP server had read past the request. Every connection comes from the
+/// node's acceptor, whose sockets are [`Watched`] TCP streams; anything else is a bug, and the
+/// connection is dropped rather than served without its guarantees.
+fn wire_io(upgraded: Upgraded) -> Option<WireIo> {
+    match upgraded.downcast::<TokioIo<Watched>>() {
+        Ok(parts) => Some(WireIo::new(Wire::new(parts.io.into_inner().into_stream()), parts.read_buf)),
+        Err(_) => {
+            error!("an upgraded connection is not an acceptor's TCP socket; dropped");
+            None
+        }
+    }
 }
 
 /// The checks every WebSocket upgrade passes, whatever its protocol: a valid handshake, a node

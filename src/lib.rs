@@ -29,6 +29,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod webhooks;
+pub mod wire;
 
 pub use server::{Listeners, run};
 pub use settings::Settings;

@@ -128,7 +128,10 @@ fn describe() {
     describe_counter!(CONNECTIONS_REJECTED, "Upgrade requests refused before the handshake, by reason");
     describe_histogram!(HANDSHAKE_DURATION, Unit::Seconds, "Time from upgrade request to 101 response");
     describe_counter!(MESSAGES_PUBLISHED, "Messages published through this node's API, per target channel");
-    describe_counter!(MESSAGES_QUEUED, "Frames queued to local sessions by fan-out");
+    describe_counter!(
+        MESSAGES_QUEUED,
+        "Frames handed to local sessions by fan-out (queued, or written by fan-out itself)"
+    );
     describe_counter!(MESSAGES_DELIVERED, "Notification frames written to sockets");
     describe_counter!(MESSAGES_DROPPED, "Frames not queued, by reason");
     describe_histogram!(

@@ -4,6 +4,13 @@
 //! batches. When the queue is full the pusher closes the session as a slow consumer instead of
 //! waiting: one client that stops reading never slows the others or the broker reader.
 //!
+//! A session parked with nothing queued opens its outbox to fan-out's direct writes
+//! ([`Outbox::open_direct`]): then [`Outbox::offer`] writes a frame straight into the socket
+//! when the socket takes it at once, and the session's task is not woken at all. Anything else
+//! (a queue that is not empty, a session busy with its own writes, a full socket, a frame the
+//! session must look at first) is queued, so frames still leave in the order fan-out handed
+//! them over.
+//!
 //! An idle outbox allocates nothing beyond its handle (the `VecDeque` starts empty and is shrunk
 //! after a burst), which matters at tens of thousands of idle connections per node.
 
@@ -13,6 +20,7 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::protocol::{CloseReason, NoteId, WireFrame};
+use crate::wire::{Sent, Wire};
 
 /// Capacity above which a drained queue gives its memory back.
 const SHRINK_ABOVE: usize = 16;
@@ -49,6 +57,38 @@ pub struct Outbox {
 struct State {
     frames: VecDeque<Outgoing>,
     closing: Option<CloseReason>,
+    /// Set while the session is parked with nothing in flight: which frames fan-out may write
+    /// itself. Cleared whenever the session takes frames or wakes for anything else.
+    direct: Option<Direct>,
+}
+
+/// Which frames fan-out may write straight into a parked session's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct {
+    /// Frames from at most this broker generation: a newer one means a gap the session must
+    /// see before anything else is written.
+    pub generation: u64,
+    /// Whether persisted notifications may go too (not when the session de-duplicates them by
+    /// id: it must see each one).
+    pub persisted: bool,
+}
+
+impl Direct {
+    /// Any frame (a session that neither resumes nor de-duplicates).
+    pub const ANY: Self = Self { generation: u64::MAX, persisted: true };
+
+    fn admits(self, out: &Outgoing) -> bool {
+        out.generation <= self.generation && (self.persisted || out.persisted.is_none())
+    }
+}
+
+/// How [`Outbox::offer`] handed a frame over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handed {
+    /// Written into the socket (whole, or its rest left for the session's next flush).
+    Written,
+    /// Queued for the session's task.
+    Queued,
 }
 
 /// Why a frame was not queued.
@@ -72,12 +112,44 @@ impl Outbox {
     /// Queues a frame without waiting. On a full queue the session is marked closing as a slow
     /// consumer and its queued frames are dropped (it resumes from its last id on reconnect).
     pub fn push(&self, frame: Outgoing) -> Result<(), PushError> {
+        self.push_locked(self.state(), frame)
+    }
+
+    /// Hands `frame` to the session: written straight into `wire` if the session is parked
+    /// with nothing queued, admits the frame ([`Direct`]) and the socket takes it now; queued as
+    /// by [`Outbox::push`] otherwise. Never waits.
+    ///
+    /// The outbox's lock is held over the write, so the session cannot take frames (and write
+    /// them) while fan-out writes: order is kept.
+    pub fn offer(&self, frame: Outgoing, wire: &Wire) -> Result<Handed, PushError> {
         let mut state = self.state();
+        if let Some(direct) = state.direct
+            && state.frames.is_empty()
+            && direct.admits(&frame)
+        {
+            match wire.try_frame(&frame.frame) {
+                Sent::All => return Ok(Handed::Written),
+                Sent::Part => {
+                    // The session must send the rest before anything else: wake it, and write
+                    // nothing more until it parks again.
+                    state.direct = None;
+                    drop(state);
+                    self.ready.notify_one();
+                    return Ok(Handed::Written);
+                }
+                Sent::Nothing => {}
+            }
+        }
+        self.push_locked(state, frame).map(|()| Handed::Queued)
+    }
+
+    fn push_locked(&self, mut state: MutexGuard<'_, State>, frame: Outgoing) -> Result<(), PushError> {
         if state.closing.is_some() {
             return Err(PushError::Closed);
         }
         if state.frames.len() >= self.capacity {
             state.closing = Some(CloseReason::SlowConsumer);
+            state.direct = None;
             state.frames = VecDeque::new();
             drop(state);
             self.ready.notify_one();
@@ -96,6 +168,7 @@ impl Outbox {
         if state.closing.is_none() {
             state.closing = Some(reason);
         }
+        state.direct = None;
         drop(state);
         self.ready.notify_one();
     }
@@ -114,9 +187,27 @@ impl Outbox {
         self.ready.notified().await;
     }
 
-    /// Moves every queued frame into `batch` and returns the close reason if one was set.
+    /// The session is parked with nothing in flight: fan-out may write frames that `direct`
+    /// admits itself until the session next takes frames or calls [`Outbox::shut_direct`].
+    /// Refused (`false`) when frames are queued or the session is closing: it has work first.
+    pub fn open_direct(&self, direct: Direct) -> bool {
+        let mut state = self.state();
+        let open = state.frames.is_empty() && state.closing.is_none();
+        state.direct = open.then_some(direct);
+        open
+    }
+
+    /// The session woke for something of its own (a client frame, a timer): frames queue
+    /// until it parks again.
+    pub fn shut_direct(&self) {
+        self.state().direct = None;
+    }
+
+    /// Moves every queued frame into `batch` and returns the close reason if one was set. The
+    /// session is busy from now on: fan-out queues until it parks again.
     pub fn drain_into(&self, batch: &mut Vec<Outgoing>) -> Option<CloseReason> {
         let mut state = self.state();
+        state.direct = None;
         batch.extend(state.frames.drain(..));
         if state.frames.capacity() > SHRINK_ABOVE {
             state.frames = VecDeque::new();
@@ -161,6 +252,67 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(outbox.drain_into(&mut batch), Some(CloseReason::HeartbeatTimeout));
         assert_eq!(batch.len(), 1);
+    }
+
+    /// A wire over a real loopback socket, and the peer's end to read what reached it.
+    async fn wire() -> (std::sync::Arc<Wire>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (Wire::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    fn live(generation: u64, persisted: Option<u64>) -> Outgoing {
+        Outgoing {
+            frame: WireFrame::text("{}".to_owned()),
+            published_us: 1,
+            persisted: persisted.map(|ms| NoteId { ms, seq: 0 }),
+            generation,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parked_session_has_frames_written_for_it_and_a_busy_one_has_them_queued() {
+        let (wire, mut peer) = wire().await;
+        let outbox = Outbox::new(8);
+        assert_eq!(outbox.offer(live(1, None), &wire), Ok(Handed::Queued), "not parked yet");
+        assert!(!outbox.open_direct(Direct::ANY), "frames are queued: the session writes them first");
+        let mut batch = Vec::new();
+        outbox.drain_into(&mut batch);
+        assert!(outbox.open_direct(Direct::ANY));
+        assert_eq!(outbox.offer(live(1, None), &wire), Ok(Handed::Written));
+        assert_eq!(outbox.offer(live(1, Some(5)), &wire), Ok(Handed::Written));
+        let mut got = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got).await.unwrap();
+        assert_eq!(&got, &[0x81, 2, b'{', b'}'], "a whole text frame");
+        // Taking frames, or waking for anything else, ends it until the session parks again.
+        outbox.shut_direct();
+        assert_eq!(outbox.offer(live(1, None), &wire), Ok(Handed::Queued));
+        assert!(!outbox.open_direct(Direct::ANY), "the queued frame goes first");
+        outbox.close(CloseReason::Normal);
+        assert_eq!(outbox.offer(live(1, None), &wire), Err(PushError::Closed), "closing: neither");
+        assert!(!outbox.open_direct(Direct::ANY));
+    }
+
+    #[tokio::test]
+    async fn frames_the_session_must_see_are_queued_even_when_it_is_parked() {
+        let (wire, _peer) = wire().await;
+        let outbox = Outbox::new(8);
+        let resuming = Direct { generation: 3, persisted: false };
+        assert!(outbox.open_direct(resuming));
+        assert_eq!(outbox.offer(live(3, Some(7)), &wire), Ok(Handed::Queued), "an inbox id to de-duplicate by");
+        let mut batch = Vec::new();
+        outbox.drain_into(&mut batch);
+        assert!(outbox.open_direct(resuming));
+        assert_eq!(outbox.offer(live(4, None), &wire), Ok(Handed::Queued), "a new generation: a gap to replay");
+        outbox.drain_into(&mut batch);
+        assert!(outbox.open_direct(resuming));
+        assert_eq!(outbox.offer(live(3, None), &wire), Ok(Handed::Written));
+        assert_eq!(outbox.offer(live(0, None), &wire), Ok(Handed::Written), "a topic's frame");
+        // Once one frame is queued, later ones queue behind it: order is kept.
+        assert_eq!(outbox.offer(live(4, None), &wire), Ok(Handed::Queued));
+        assert_eq!(outbox.offer(live(3, None), &wire), Ok(Handed::Queued));
+        assert_eq!(outbox.len(), 2);
     }
 
     #[tokio::test]

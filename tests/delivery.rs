@@ -110,6 +110,43 @@ async fn client_pings_get_pongs() {
     node.stop().await;
 }
 
+/// Fan-out writes a live frame into the socket itself when the session is idle, while the
+/// session writes its own replies: every frame must arrive whole, and the notifications in the
+/// order they were published, however the two interleave.
+#[tokio::test]
+async fn frames_written_by_fan_out_and_by_the_session_arrive_whole_and_in_order() {
+    let node = TestNode::start().await;
+    let mut client = node.connect("order").await;
+    let (rounds, pings, per_round) = (5, 10, 60);
+    for round in 0..rounds {
+        // Pings in flight while the publishes go out: the session answers them between fan-out's
+        // writes (10 per round stays within the client frame budget).
+        for _ in 0..pings {
+            client.send_json(json!({ "type": "ping" })).await;
+        }
+        for k in 0..per_round {
+            let (status, body) = node.publish(json!({ "user": "order", "data": round * per_round + k })).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let (mut pongs, mut next) = (0, 0);
+    while next < rounds * per_round || pongs < rounds * pings {
+        let frame = client.next_json().await;
+        match frame["type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("notification") => {
+                assert_eq!(frame["data"], next, "notifications out of order");
+                next += 1;
+            }
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!((pongs, next), (rounds * pings, rounds * per_round));
+    client.expect_silence(Duration::from_millis(200)).await;
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn publish_errors_name_the_bad_field() {
     let node = TestNode::start().await;

@@ -17,23 +17,27 @@
 //! Locking: every map is a `DashMap`; no guard is held across an await or while touching the
 //! same map again.
 
+mod burst;
 pub mod heartbeat;
 mod members;
 mod subscriptions;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+use self::burst::Burst;
 pub use self::heartbeat::{Liveness, monotonic_ms};
 use self::members::Members;
 pub use self::subscriptions::{MAX_LANES, Subscriptions};
 use crate::metrics as m;
-use crate::outbox::{Outbox, Outgoing, PushError};
-use crate::protocol::{CloseReason, Delivery, Format};
+use crate::outbox::{Handed, Outbox, Outgoing, PushError};
+use crate::protocol::{CloseReason, Delivery, Format, now_micros};
+use crate::wire::Wire;
 
 pub type SessionId = u64;
 
@@ -49,11 +53,41 @@ pub struct LocalSession {
     /// The broker lost this session's user channel alone (a cluster slot moved): messages may
     /// be missing since. Set before the channel is subscribed again, taken by the session.
     interrupted: AtomicBool,
+    /// The session's socket, for fan-out's direct writes ([`Outbox::offer`]).
+    wire: Option<Arc<Wire>>,
 }
 
 impl LocalSession {
     pub fn new(id: SessionId, user: Arc<str>, format: Format, outbox: Outbox) -> Self {
-        Self { id, user, format, outbox, liveness: Liveness::default(), interrupted: AtomicBool::new(false) }
+        Self {
+            id,
+            user,
+            format,
+            outbox,
+            liveness: Liveness::default(),
+            interrupted: AtomicBool::new(false),
+            wire: None,
+        }
+    }
+
+    /// Lets fan-out write to `wire` itself while the session is parked.
+    pub fn with_wire(mut self, wire: Arc<Wire>) -> Self {
+        self.wire = Some(wire);
+        self
+    }
+
+    /// The session's socket, if fan-out may write to it.
+    pub fn wire(&self) -> Option<&Arc<Wire>> {
+        self.wire.as_ref()
+    }
+
+    /// Hands `frame` over: written at once when `direct` and the session allows it, queued
+    /// otherwise.
+    fn hand(&self, frame: Outgoing, direct: bool) -> Result<Handed, PushError> {
+        match &self.wire {
+            Some(wire) if direct => self.outbox.offer(frame, wire),
+            _ => self.outbox.push(frame).map(|()| Handed::Queued),
+        }
     }
 
     /// Whether the user channel was interrupted since the last call (see
@@ -81,9 +115,19 @@ struct Channel {
 /// Result of one fan-out.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Fanout {
+    /// Handed to sessions: queued, or written by the fan-out itself.
     pub delivered: usize,
+    /// Of those, written into their sockets by the fan-out itself.
+    pub written: usize,
     pub dropped: usize,
 }
+
+/// A channel of at most this many local sessions (one user's tabs and devices, a small topic)
+/// has its frames written by the fan-out itself when the sessions are parked and the lane
+/// keeps up ([`burst`]): a few socket writes cost less than waking their tasks. A larger
+/// fan-out is left to the sessions' tasks, which spread its writes over the node's worker
+/// threads instead of one, and keep the channel's lock short.
+const DIRECT_FANOUT_MAX: usize = 8;
 
 /// The user already has the maximum number of sessions on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +153,13 @@ struct Inner {
     next_message: AtomicU64,
     /// Registered once: looking a counter up by name costs a hash per message.
     queued: metrics::Counter,
+    /// Frames fan-out wrote itself count as delivered here (the sessions count their own).
+    delivered: metrics::Counter,
+    latency: metrics::Histogram,
+    /// Per lane (one without lanes): may fan-out write frames itself right now?
+    bursts: Box<[Burst]>,
+    /// What burst times count from.
+    started: Instant,
     dropped_slow: metrics::Counter,
     dropped_closing: metrics::Counter,
     dropped_invalid: metrics::Counter,
@@ -136,6 +187,10 @@ impl Hub {
                 next_session: AtomicU64::new(1),
                 next_message: AtomicU64::new(1),
                 queued: metrics::counter!(m::MESSAGES_QUEUED),
+                delivered: metrics::counter!(m::MESSAGES_DELIVERED),
+                latency: metrics::histogram!(m::DELIVERY_LATENCY),
+                bursts: (0..lanes.max(1)).map(|_| Burst::default()).collect(),
+                started: Instant::now(),
                 dropped_slow: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer"),
                 dropped_closing: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "closing"),
                 dropped_invalid: metrics::counter!(m::MESSAGES_DROPPED, "reason" => "invalid_payload"),
@@ -299,6 +354,9 @@ impl Hub {
         let fallback_id = || self.next_message_id();
         // The sender of a client event (or an API publish's `socket_id`), if it is here.
         let except = delivery.except.and_then(|(node, id)| (node == self.inner.socket_node).then_some(id));
+        let burst = &self.inner.bursts[usize::from(entry.lane) % self.inner.bursts.len()];
+        let direct =
+            burst.direct(self.inner.started.elapsed().as_micros() as u64) && entry.members.len() <= DIRECT_FANOUT_MAX;
         let mut fanout = Fanout::default();
         for session in entry.members.iter() {
             if except == Some(session.id) {
@@ -307,8 +365,12 @@ impl Hub {
             let Some(frame) = delivery.frame(session.format, &fallback_id) else { continue };
             let frame =
                 Outgoing { frame: frame.clone(), published_us: delivery.ts, persisted: delivery.persisted, generation };
-            match session.outbox.push(frame) {
-                Ok(()) => fanout.delivered += 1,
+            match session.hand(frame, direct) {
+                Ok(Handed::Queued) => fanout.delivered += 1,
+                Ok(Handed::Written) => {
+                    fanout.delivered += 1;
+                    fanout.written += 1;
+                }
                 // Too slow to keep up: its outbox is now closing (it resumes from its last id
                 // on reconnect) rather than stalling this fan-out.
                 Err(PushError::Full) => {
@@ -324,6 +386,13 @@ impl Hub {
         }
         drop(entry);
         self.inner.queued.increment(fanout.delivered as u64);
+        if fanout.written > 0 {
+            self.inner.delivered.increment(fanout.written as u64);
+            if delivery.ts > 0 {
+                let now = now_micros();
+                self.inner.latency.record(now.saturating_sub(delivery.ts) as f64 / 1e6);
+            }
+        }
         fanout
     }
 }
@@ -426,7 +495,7 @@ mod tests {
         }
 
         let fanout = hub.deliver("u:a", &Bytes::from_static(b"{\"cnt\":1}"));
-        assert_eq!(fanout, Fanout { delivered: 2, dropped: 0 });
+        assert_eq!(fanout, Fanout { delivered: 2, written: 0, dropped: 0 });
         assert_eq!((a1.outbox.len(), a2.outbox.len(), b.outbox.len()), (1, 1, 0));
         let mut batch = Vec::new();
         a1.outbox.drain_into(&mut batch);
@@ -445,7 +514,7 @@ mod tests {
         }
         hub.deliver("u:a", &Bytes::from_static(b"1"));
         let fanout = hub.deliver("u:a", &Bytes::from_static(b"2"));
-        assert_eq!(fanout, Fanout { delivered: 1, dropped: 1 });
+        assert_eq!(fanout, Fanout { delivered: 1, written: 0, dropped: 1 });
         assert_eq!(slow.outbox.closing(), Some(CloseReason::SlowConsumer));
         assert_eq!(fast.outbox.len(), 2);
     }

@@ -61,12 +61,13 @@ use crate::channel::{ChannelKind, ChannelNames, granted, valid_name};
 use crate::hub::{Hub, LocalSession, Registration, TooManySessions};
 use crate::inbox::Inbox;
 use crate::metrics as m;
-use crate::outbox::{Outbox, Outgoing};
+use crate::outbox::{Direct, Outbox, Outgoing};
 use crate::presence::Presence;
 use crate::protocol::{ClientFrame, CloseReason, ErrorCode, Format, NoteId, ServerFrame, WireFrame, now_micros};
 use crate::pusher::{AppSlot, Apps};
 use crate::settings::Settings;
 use crate::webhooks::Webhooks;
+use crate::wire::Wire;
 
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -145,8 +146,12 @@ impl SessionContext {
 ///
 /// Not an `async fn`: the session is built first and the returned future owns it in place, so
 /// the socket is not stored twice in the task (the future's size is the per-connection cost).
+///
+/// `wire` is the socket under `ws`: fan-out writes frames into it itself while the session is
+/// parked (see [`crate::wire`]).
 pub fn run<S>(
     ws: WebSocketStream<S>,
+    wire: Arc<Wire>,
     ctx: Arc<SessionContext>,
     identity: Identity,
     format: Format,
@@ -155,17 +160,22 @@ pub fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    start(ws, ctx, identity, format, last_id, None)
+    start(ws, wire, ctx, identity, format, last_id, None)
 }
 
 /// Runs one Pusher protocol session of the app holding `app` to its end. The socket has no
 /// user (the hub does not count it as one) until it signs in.
-pub fn run_pusher<S>(ws: WebSocketStream<S>, ctx: Arc<SessionContext>, app: AppSlot) -> impl Future<Output = ()>
+pub fn run_pusher<S>(
+    ws: WebSocketStream<S>,
+    wire: Arc<Wire>,
+    ctx: Arc<SessionContext>,
+    app: AppSlot,
+) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let identity = Identity { user: "".into(), channels: Vec::new() };
-    start(ws, ctx, identity, Format::Pusher, None, Some(app))
+    start(ws, wire, ctx, identity, Format::Pusher, None, Some(app))
 }
 
 /// Refuses a Pusher connection after its upgrade, the way pusher-js understands: a
@@ -180,6 +190,7 @@ pub async fn refuse_pusher<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketS
 
 fn start<S>(
     ws: WebSocketStream<S>,
+    wire: Arc<Wire>,
     ctx: Arc<SessionContext>,
     identity: Identity,
     format: Format,
@@ -189,12 +200,10 @@ fn start<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let local = Arc::new(LocalSession::new(
-        ctx.hub.next_session_id(),
-        identity.user.clone(),
-        format,
-        Outbox::new(ctx.outbox_capacity),
-    ));
+    let local = Arc::new(
+        LocalSession::new(ctx.hub.next_session_id(), identity.user.clone(), format, Outbox::new(ctx.outbox_capacity))
+            .with_wire(wire),
+    );
     let pusher = app.map(|app| Box::new(PusherSession::new(app)));
     let span = info_span!("session", id = local.id, user = %identity.user);
     // Registered here, before the task first runs: the guard is in the hub's books from now
@@ -293,7 +302,8 @@ where
                 // Queued frames still go out before the close frame.
                 return Box::pin(self.write_batch()).await.err().unwrap_or(reason);
             }
-            if !self.batch.is_empty() {
+            // A frame fan-out wrote in part has its rest sent by the flush of an empty batch.
+            if !self.batch.is_empty() || self.registration.wire().is_some_and(|wire| wire.has_tail()) {
                 if let Err(reason) = Box::pin(self.write_batch()).await {
                     return reason;
                 }
@@ -304,17 +314,31 @@ where
             if self.resumes() {
                 self.on_generation(self.ctx.hub.generation_of(&self.user_channel));
             }
+            // Parking with nothing in flight: fan-out may write the next frames itself (no
+            // wake-up), unless one was queued in the meantime.
+            if let Some(direct) = self.direct() {
+                if let Some(wire) = self.registration.wire() {
+                    wire.parked();
+                }
+                if !self.registration.outbox.open_direct(direct) {
+                    continue;
+                }
+            }
             // The resync timer only exists while a gap is pending (boxed: most sessions never
             // have one, and the session future stays small).
             let mut resync_timer = self.resync_at.map(|at| Box::pin(sleep_until(at)));
             tokio::select! {
                 () = self.registration.outbox.ready() => {}
                 () = async { if let Some(t) = resync_timer.as_mut() { t.await } }, if resync_timer.is_some() => {
+                    self.registration.outbox.shut_direct();
                     if let Err(reason) = Box::pin(self.resync()).await {
                         return reason;
                     }
                 }
                 incoming = self.ws.next() => {
+                    // What the session writes now (a reply, a replay) goes out in its order:
+                    // live frames queue meanwhile.
+                    self.registration.outbox.shut_direct();
                     self.registration.liveness.heard();
                     match incoming {
                         Some(Ok(message)) => {
@@ -329,6 +353,20 @@ where
                 }
             }
         }
+    }
+
+    /// Which frames fan-out may write itself while the session is parked: any, unless the
+    /// session replays and de-duplicates persisted notifications. Then only frames without an
+    /// inbox id, from the broker generation it has seen, and none while a gap waits for its
+    /// replay (a live frame is what triggers that replay).
+    fn direct(&self) -> Option<Direct> {
+        if !self.resumes() {
+            return Some(Direct::ANY);
+        }
+        if self.resume.pending_gap().is_some() {
+            return None;
+        }
+        Some(Direct { generation: self.resume.generation(), persisted: false })
     }
 
     /// Handles one client message. `Err` ends the session with that reason.

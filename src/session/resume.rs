@@ -64,6 +64,11 @@ impl Resume {
         }
     }
 
+    /// The broker generation the session's frames come from.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The id to replay after, if a gap is pending.
     pub(super) fn pending_gap(&self) -> Option<Option<NoteId>> {
         self.gap
