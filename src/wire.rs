@@ -154,7 +154,9 @@ pub struct WireIo {
 
 impl WireIo {
     pub fn new(wire: Arc<Wire>, prefix: Bytes) -> Self {
-        Self { wire, prefix }
+        // Copied (usually: nothing): the HTTP server's bytes are a view into its whole read
+        // buffer, which would otherwise stay allocated for the connection's life.
+        Self { wire, prefix: Bytes::copy_from_slice(&prefix) }
     }
 
     pub fn wire(&self) -> &Arc<Wire> {
@@ -168,6 +170,9 @@ impl AsyncRead for WireIo {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
             self.wire.state.lock().reading = true;
             return Poll::Ready(Ok(()));
         }
@@ -352,6 +357,15 @@ mod tests {
         assert_eq!(wire.try_frame(&text("after the close?")), Sent::Nothing);
         wire.parked();
         assert_eq!(wire.try_frame(&text("parked")), Sent::All);
+    }
+
+    #[tokio::test]
+    async fn the_http_servers_read_buffer_is_not_kept_for_the_connections_life() {
+        let (wire, _client) = pair().await;
+        let buffer = Bytes::from(vec![0u8; 8192]);
+        let io = WireIo::new(wire, buffer.slice(8192..));
+        assert!(buffer.is_unique(), "an empty view must not keep the 8 KiB buffer alive");
+        drop(io);
     }
 
     #[tokio::test]
