@@ -177,8 +177,10 @@ impl Outbox {
         self.state().closing
     }
 
-    /// Wakes the writer without queueing anything (it re-checks its state).
+    /// Wakes the writer without queueing anything (it re-checks its state: a new broker
+    /// generation, an interrupted channel). Fan-out queues until it has, and parks again.
     pub fn wake(&self) {
+        self.state().direct = None;
         self.ready.notify_one();
     }
 
@@ -286,6 +288,10 @@ mod tests {
         tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got).await.unwrap();
         assert_eq!(&got, &[0x81, 2, b'{', b'}'], "a whole text frame");
         // Taking frames, or waking for anything else, ends it until the session parks again.
+        outbox.wake();
+        assert_eq!(outbox.offer(live(1, None), &wire), Ok(Handed::Queued), "woken to re-check its state");
+        outbox.drain_into(&mut batch);
+        assert!(outbox.open_direct(Direct::ANY));
         outbox.shut_direct();
         assert_eq!(outbox.offer(live(1, None), &wire), Ok(Handed::Queued));
         assert!(!outbox.open_direct(Direct::ANY), "the queued frame goes first");
