@@ -5,7 +5,8 @@ Reads nodes.csv (each node's RSS, descriptors and sessions every 10 s), timeline
 generator's live p50/p99 every 10 s) and faults.csv, writes soak.png (RSS per node and live p99
 over time, faults marked) and prints each node process's RSS slope (a least squares line
 through its samples: flat memory means a slope near zero) over its steady windows: after its
-warm-up and before the first fault, and from two minutes after the last fault to the end.
+warm-up and before the first fault, and from two minutes after the last fault to the end of
+the generators' timelines (samples taken while the clients leave are not steady).
 A fault moves RSS on purpose (a resubscribe, a node's clients moving to the others), so the
 windows leave them out.
 """
@@ -49,7 +50,9 @@ def main(out):
     warm = min(5.0, span * 0.2)
     fault_times = [minutes(f["time"]) for f in faults]
     settle = 2.0
-    windows = [(0.0, min(fault_times, default=span)), (max(fault_times, default=span) + settle, span)]
+    # The clients leave after the generators' last timeline row: the windows end there.
+    end = min([span] + [minutes(r["time"]) for timeline in timelines for r in timeline[-1:]])
+    windows = [(0.0, min(fault_times, default=end)), (max(fault_times, default=end) + settle, end)]
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     print("--- soak: RSS slope per node process in its steady windows (after a %.1f min warm-up, "
