@@ -483,6 +483,42 @@ mod tests {
         Arc::new(LocalSession::new(hub.next_session_id(), user.into(), Format::Raw, Outbox::new(capacity)))
     }
 
+    /// A parked session over a real loopback socket (the peer's end is returned to keep it open).
+    async fn parked(hub: &Hub, user: &str) -> (Arc<LocalSession>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (peer, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let wire = Wire::new(accepted.unwrap().0);
+        let local = LocalSession::new(hub.next_session_id(), user.into(), Format::Raw, Outbox::new(8)).with_wire(wire);
+        assert!(local.outbox.open_direct(crate::outbox::Direct::ANY));
+        (Arc::new(local), peer.unwrap())
+    }
+
+    #[tokio::test]
+    async fn fan_out_writes_for_a_users_few_sessions_and_queues_for_a_crowd() {
+        let hub = Hub::new("n1", false);
+        let mut registrations = Vec::new();
+        let mut peers = Vec::new();
+        for k in 0..=DIRECT_FANOUT_MAX {
+            let (session, peer) = parked(&hub, &format!("u{k}")).await;
+            let mut registration = hub.register(session, 10).unwrap();
+            registration.join_topic("t:crowd".into(), "crowd".into());
+            if k == 0 {
+                registration.join_user("u:u0".into());
+            }
+            registrations.push(registration);
+            peers.push(peer);
+        }
+        let payload = Bytes::from_static(b"{\"cnt\":1}");
+        // One session in its user channel: written at once, nothing queued.
+        assert_eq!(hub.deliver("u:u0", &payload), Fanout { delivered: 1, written: 1, dropped: 0 });
+        assert_eq!(registrations[0].outbox.len(), 0);
+        // More sessions than a direct fan-out takes: every frame is queued for its session.
+        let crowd = hub.deliver("t:crowd", &payload);
+        assert_eq!(crowd, Fanout { delivered: DIRECT_FANOUT_MAX + 1, written: 0, dropped: 0 });
+        assert!(registrations.iter().all(|r| r.outbox.len() == 1));
+    }
+
     #[test]
     fn delivers_to_every_session_of_the_channel_and_nobody_else() {
         let hub = Hub::new("n1", false);
