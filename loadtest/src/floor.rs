@@ -10,8 +10,12 @@
 //! (and a browser's) do. On loopback, waking the reader is done by the writing thread inside
 //! its `write`, so this "paced floor" is what one delivery costs a node in `loadtest/run.sh
 //! unicast` at that rate before the node does anything of its own.
+//!
+//! `--vectored` writes each message as two pieces (a 2-byte frame header and the rest) with one
+//! `writev`, as fan-out did before it copied small frames into one buffer: the difference is
+//! the kernel's vectored-write path alone.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +36,9 @@ pub struct FloorArgs {
     /// possible, read by polling threads.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Write each message with `writev` in two pieces (2 bytes, then the rest) instead of `send`.
+    #[arg(long)]
+    pub vectored: bool,
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
@@ -41,11 +48,23 @@ struct FloorReport {
     connections: usize,
     rate: u64,
     size: usize,
+    vectored: bool,
     writes: u64,
     seconds: f64,
     writer_cpu_seconds: f64,
     writes_per_cpu_second: f64,
     writes_per_second: f64,
+}
+
+/// One message: with `send`, or with `writev` in two pieces.
+fn write_message(mut w: impl Write, message: &[u8], vectored: bool) -> std::io::Result<()> {
+    if !vectored || message.len() < 3 {
+        return w.write_all(message);
+    }
+    let (head, body) = message.split_at(2);
+    let n = w.write_vectored(&[IoSlice::new(head), IoSlice::new(body)])?;
+    // Blocking sockets: a short write only when the buffer filled; finish it plainly.
+    if n < message.len() { w.write_all(&message[n..]) } else { Ok(()) }
 }
 
 /// CPU time of the calling thread, from /proc/thread-self/stat.
@@ -87,7 +106,7 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
     if args.rate == 0 {
         while started.elapsed() < args.duration {
             for w in &mut writers {
-                w.write_all(&message)?;
+                write_message(w, &message, args.vectored)?;
                 writes += 1;
             }
         }
@@ -100,7 +119,7 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
             owed += args.rate as f64 / 1000.0;
             while owed >= 1.0 {
                 if let Some(mut w) = ring.next() {
-                    w.write_all(&message)?;
+                    write_message(&mut w, &message, args.vectored)?;
                 }
                 writes += 1;
                 owed -= 1.0;
@@ -125,6 +144,7 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
         connections: args.connections,
         rate: args.rate,
         size: args.size,
+        vectored: args.vectored,
         writes,
         seconds,
         writer_cpu_seconds: cpu,
@@ -132,8 +152,9 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
         writes_per_second: writes as f64 / seconds,
     };
     let paced = if args.rate > 0 { format!(" paced at {}/s to sleeping readers", args.rate) } else { String::new() };
+    let how = if args.vectored { " (writev, 2 pieces)" } else { "" };
     println!(
-        "floor{paced}: {} writes of {} bytes to {} sockets in {:.2} s; writer CPU {:.2} s: {:.0} writes per CPU-second ({:.0}/s wall)",
+        "floor{paced}{how}: {} writes of {} bytes to {} sockets in {:.2} s; writer CPU {:.2} s: {:.0} writes per CPU-second ({:.0}/s wall)",
         report.writes,
         report.size,
         report.connections,
