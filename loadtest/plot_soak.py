@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Renders a soak run's figures: loadtest/plot_soak.py loadtest/results/<run>-soak
 
-Reads nodes.csv (each node's RSS, descriptors and sessions every 10 s), timeline*.csv (each
-generator's live p50/p99 every 10 s) and faults.csv, writes soak.png (RSS per node and live p99
-over time, faults marked) and prints each node process's RSS slope (a least squares line
-through its samples: flat memory means a slope near zero) over its steady windows: after its
-warm-up and before the first fault, and from two minutes after the last fault to the end of
-the generators' timelines (samples taken while the clients leave are not steady).
-A fault moves RSS on purpose (a resubscribe, a node's clients moving to the others), so the
-windows leave them out.
+Reads nodes.csv (each node's RSS, descriptors, sessions and live heap every 10 s),
+timeline*.csv (each generator's live p50/p99 every 10 s) and faults.csv, writes soak.png (RSS
+and live heap per node, live p99 over time, faults marked) and prints each node process's RSS
+slope and live-heap slope (least squares lines through its samples: flat memory means a slope
+near zero) over its steady windows: after its warm-up and before the first fault, and from two
+minutes after the last fault to the end of the generators' timelines (samples taken while the
+clients leave are not steady). A fault moves memory on purpose (a resubscribe, a node's
+clients moving to the others), so the windows leave them out. The live heap (jemalloc's
+allocated bytes) is what the program holds: RSS growing while it stays flat is the allocator
+keeping pages, not a leak.
 """
 
 import csv
@@ -55,26 +57,35 @@ def main(out):
     windows = [(0.0, min(fault_times, default=end)), (max(fault_times, default=end) + settle, end)]
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
-    print("--- soak: RSS slope per node process in its steady windows (after a %.1f min warm-up, "
-          "outside the faults and %.0f min after them)" % (warm, settle))
+    print("--- soak: RSS and live-heap slopes per node process in its steady windows (after a "
+          "%.1f min warm-up, outside the faults and %.0f min after them)" % (warm, settle))
     for k, node in enumerate(sorted({r["node"] for r in nodes}, key=int)):
         samples = [r for r in nodes if r["node"] == node]
         # One line per process: a restarted node starts a new one.
         for n, pid in enumerate(dict.fromkeys(r["pid"] for r in samples)):
-            segment = [(minutes(r["time"]), int(r["rss_kib"])) for r in samples if r["pid"] == pid]
-            top.plot([x for x, _ in segment], [y / 1024 for _, y in segment], color="C%d" % k,
-                     label="node" + node if n == 0 else None)
-            start = segment[0][0]
+            mine = [r for r in samples if r["pid"] == pid]
+            rss = [(minutes(r["time"]), int(r["rss_kib"])) for r in mine]
+            # Older runs have no live-heap column; a failed scrape leaves it empty.
+            heap = [(minutes(r["time"]), int(r["allocated_kib"])) for r in mine if r.get("allocated_kib")]
+            top.plot([x for x, _ in rss], [y / 1024 for _, y in rss], color="C%d" % k,
+                     label="node%s RSS" % node if n == 0 else None)
+            if heap:
+                top.plot([x for x, _ in heap], [y / 1024 for _, y in heap], color="C%d" % k, linestyle="--",
+                         label="node%s live heap" % node if n == 0 else None)
+            start = rss[0][0]
             for lo, hi in windows:
-                steady = [(x, y) for x, y in segment if x - start >= warm and lo <= x <= hi]
-                if len(steady) < 3:
-                    continue
-                s, mean = slope(steady)
-                print(
-                    "node%s (pid %s), minutes %.1f-%.1f: %+.1f KiB/min (mean %.1f MiB, %+.2f %% per hour)"
-                    % (node, pid, steady[0][0], steady[-1][0], s, mean / 1024, s * 60 * 100 / mean)
-                )
-    top.set_ylabel("RSS (MiB)")
+                line = []
+                for name, series in (("RSS", rss), ("live heap", heap)):
+                    steady = [(x, y) for x, y in series if x - start >= warm and lo <= x <= hi]
+                    if len(steady) < 3:
+                        continue
+                    s, mean = slope(steady)
+                    line.append("%s %+.1f KiB/min (mean %.1f MiB, %+.2f %% per hour)" % (
+                        name, s, mean / 1024, s * 60 * 100 / mean))
+                    span_text = "minutes %.1f-%.1f" % (steady[0][0], steady[-1][0])
+                if line:
+                    print("node%s (pid %s), %s: %s" % (node, pid, span_text, "; ".join(line)))
+    top.set_ylabel("RSS, live heap (MiB)")
     top.set_ylim(bottom=0)
     top.legend(loc="lower right")
     top.grid(alpha=0.3)

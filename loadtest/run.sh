@@ -141,16 +141,18 @@ for ((g = 0; g < generators; g++)); do
   gen_pids+=($!)
 done
 if [[ $scenario == soak ]]; then
-  # Each node's RSS, descriptors and sessions every 10 s (epoch seconds, as the timelines).
+  # Each node's RSS, descriptors, sessions and live heap (jemalloc's allocated bytes, in KiB)
+  # every 10 s (epoch seconds, as the timelines).
   (
-    echo "time,node,pid,rss_kib,fds,sessions" >"$out/nodes.csv"
+    echo "time,node,pid,rss_kib,fds,sessions,allocated_kib" >"$out/nodes.csv"
     while sleep 10; do
       for ((i = 0; i < nodes; i++)); do
         p=$(cat "$out/node$i.pid")
         r=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
         [[ -n $r ]] || continue
-        s=$(curl -sf --max-time 2 "http://127.0.0.1:${internals[$i]}/metrics" | awk '$1 == "pushnode_connections" {print $2}')
-        echo "$(date +%s),$i,$p,$r,$(fds "$p"),${s:-}" >>"$out/nodes.csv"
+        m=$(curl -sf --max-time 2 "http://127.0.0.1:${internals[$i]}/metrics" |
+          awk '$1 == "pushnode_connections" {s = $2} $1 == "pushnode_allocator_allocated_bytes" {a = int($2 / 1024)} END {print s "," a}')
+        echo "$(date +%s),$i,$p,$r,$(fds "$p"),${m:-,}" >>"$out/nodes.csv"
       done
     done
   ) &

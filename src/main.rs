@@ -18,6 +18,17 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's own figures for `/metrics` (`pushnode_allocator_*_bytes`). Its statistics are
+/// cached until the epoch is advanced, which merges every arena's counters: once per scrape.
+fn jemalloc_stats() -> Option<pushnode::metrics::AllocatorStats> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance().ok()?;
+    Some(pushnode::metrics::AllocatorStats {
+        allocated: stats::allocated::read().ok()? as u64,
+        resident: stats::resident::read().ok()? as u64,
+    })
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "pushnode", version, about = "WebSocket push-notification node")]
 struct Cli {
@@ -112,6 +123,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 fn serve(settings: Settings) -> anyhow::Result<()> {
     logging::init(&settings.log);
+    pushnode::metrics::report_allocator(jemalloc_stats);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listeners = Listeners::bind(&settings)?;

@@ -45,6 +45,8 @@ pub const WEBHOOKS_RETRIED: &str = "pushnode_webhooks_retried_total";
 pub const WEBHOOKS_DROPPED: &str = "pushnode_webhooks_dropped_total";
 pub const WEBHOOKS_QUEUE: &str = "pushnode_webhooks_queue";
 pub const WEBHOOKS_LATENCY: &str = "pushnode_webhooks_latency_seconds";
+pub const ALLOCATOR_ALLOCATED: &str = "pushnode_allocator_allocated_bytes";
+pub const ALLOCATOR_RESIDENT: &str = "pushnode_allocator_resident_bytes";
 
 /// Latency buckets from 100 µs to 10 s, roughly three per decade.
 const LATENCY_BUCKETS: &[f64] =
@@ -65,9 +67,33 @@ pub fn resident_bytes() -> Option<u64> {
     Some(statm.resident * procfs::page_size())
 }
 
-/// The full `/metrics` text: the recorder's series, the process's included.
+/// What the global allocator reports of itself, read at each scrape.
+#[derive(Debug, Clone, Copy)]
+pub struct AllocatorStats {
+    /// Bytes in live allocations: what the program holds. A leak grows this.
+    pub allocated: u64,
+    /// Bytes in the allocator's resident pages: the live ones, freed ones not yet returned to
+    /// the system, and its own metadata. Growth here alone is the allocator keeping memory.
+    pub resident: u64,
+}
+
+static ALLOCATOR_STATS: OnceLock<fn() -> Option<AllocatorStats>> = OnceLock::new();
+
+/// Lets the program that chose the global allocator (the `pushnode` binary: jemalloc) publish
+/// its figures as `pushnode_allocator_*_bytes`, so that a node's growing RSS can be told apart:
+/// memory the program holds, or memory the allocator keeps. Without it (the library embedded
+/// elsewhere, the integration tests) those series are absent. The first call wins.
+pub fn report_allocator(read: fn() -> Option<AllocatorStats>) {
+    let _ = ALLOCATOR_STATS.set(read);
+}
+
+/// The full `/metrics` text: the recorder's series, the process's and allocator's included.
 pub fn render(handle: &PrometheusHandle) -> String {
     process_collector().collect();
+    if let Some(stats) = ALLOCATOR_STATS.get().and_then(|read| read()) {
+        metrics::gauge!(ALLOCATOR_ALLOCATED).set(stats.allocated as f64);
+        metrics::gauge!(ALLOCATOR_RESIDENT).set(stats.resident as f64);
+    }
     handle.render()
 }
 
@@ -191,6 +217,16 @@ fn describe() {
     );
     describe_gauge!(WEBHOOKS_QUEUE, "Webhook events waiting in the shared queue (sampled by each node's sender)");
     describe_histogram!(WEBHOOKS_LATENCY, Unit::Seconds, "From an event to the 2xx of the call that carried it");
+    describe_gauge!(
+        ALLOCATOR_ALLOCATED,
+        Unit::Bytes,
+        "Bytes in live heap allocations (jemalloc stats.allocated; sampled at scrape)"
+    );
+    describe_gauge!(
+        ALLOCATOR_RESIDENT,
+        Unit::Bytes,
+        "Bytes in the heap allocator's resident pages, freed-but-kept and metadata included (jemalloc stats.resident)"
+    );
     describe_counter!(
         PRESENCE_ERRORS,
         "Presence changes, syncs or member events that did not reach Redis (repaired by the next sync)"
