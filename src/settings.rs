@@ -167,7 +167,8 @@ pub struct Session {
     /// Bytes of the per-connection WebSocket read buffer. Client frames are small; a small
     /// buffer keeps idle connections cheap (tungstenite's default is 128 KiB).
     pub read_buffer_bytes: usize,
-    /// Bytes of outgoing frames gathered before a socket write within one batch.
+    /// Bytes of outgoing frames gathered before a socket write within one batch. The buffer
+    /// lives only as long as the batch: an idle session keeps none.
     pub write_buffer_bytes: usize,
 }
 

@@ -11,9 +11,11 @@
 //! session's and fan-out's, takes this wire's lock, and fan-out writes only at a frame
 //! boundary:
 //! - tungstenite hands the socket its whole write buffer every time, and that buffer always
-//!   holds whole frames (tungstenite 0.30 `FrameCodec::write_out_buffer`), so the socket is at a
-//!   boundary after any write the kernel took whole, and inside a frame after one it took in
-//!   part, until the rest follows;
+//!   holds whole frames (tungstenite 0.30 `FrameCodec::write_out_buffer`); the session's own
+//!   batches and replies, encoded with [`put_frame`] and written past tungstenite's buffer
+//!   (which would keep their size for good), go the same way: whole frames, the rest of a
+//!   partly taken write next. So the socket is at a boundary after any write the kernel took
+//!   whole, and inside a frame after one it took in part, until the rest follows;
 //! - a frame fan-out wrote in part leaves its remainder here (`tail`), and every later write
 //!   (the session's flush, or its next frames) sends the tail first;
 //! - once the session has read client bytes, fan-out keeps off until the session parks again
@@ -39,7 +41,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use crate::protocol::WireFrame;
 
 /// The longest header of an unmasked frame: 2 bytes and an 8-byte length.
-const MAX_HEADER: usize = 10;
+pub const MAX_HEADER: usize = 10;
 
 /// Frames up to this size are copied into one buffer on the stack and written with `send`;
 /// larger ones go out with `writev` (header and payload where they are). One contiguous write
@@ -47,6 +49,15 @@ const MAX_HEADER: usize = 10;
 /// the loopback floor (`docs/benchmarks.md`, session 10), and a notification is usually far
 /// smaller than this.
 const INLINE_FRAME: usize = 1024;
+
+/// Appends `payload` to `out` as one unmasked WebSocket frame (a server's) of kind `opcode`.
+pub fn put_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+    let head = FrameHeader { opcode, ..FrameHeader::default() };
+    out.reserve(MAX_HEADER + payload.len());
+    // Formatting into a vector cannot fail: the length always fits the 64-bit form.
+    let _ = head.format(payload.len() as u64, out);
+    out.extend_from_slice(payload);
+}
 
 /// A session's socket. Shared (`Arc`) by the session's stream ([`WireIo`]) and its place in the
 /// hub.

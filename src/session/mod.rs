@@ -49,8 +49,8 @@ use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{Instrument, debug, info_span, trace};
 
 use self::pusher::PusherSession;
@@ -67,10 +67,12 @@ use crate::protocol::{ClientFrame, CloseReason, ErrorCode, Format, NoteId, Serve
 use crate::pusher::{AppSlot, Apps};
 use crate::settings::Settings;
 use crate::webhooks::Webhooks;
-use crate::wire::Wire;
+use crate::wire::{MAX_HEADER, Wire, put_frame};
 
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A session's batch vector keeps its capacity between batches up to this many frames.
+const BATCH_KEPT: usize = 16;
 /// After a broker gap, sessions replay at a random moment within this window, so that a node
 /// with many sessions does not query the inbox for all of them at once.
 const RESYNC_SPREAD: Duration = Duration::from_millis(500);
@@ -99,6 +101,8 @@ pub struct SessionContext {
     pub node_id: Arc<str>,
     heartbeat_interval: Duration,
     write_timeout: Duration,
+    /// A batch's frames are written in pieces of about this many bytes.
+    write_buffer_bytes: usize,
     outbox_capacity: usize,
     max_per_user: usize,
     max_topics: usize,
@@ -124,6 +128,7 @@ impl SessionContext {
             names,
             heartbeat_interval: settings.session.heartbeat_interval,
             write_timeout: settings.session.write_timeout,
+            write_buffer_bytes: settings.session.write_buffer_bytes,
             outbox_capacity: settings.session.outbox_capacity,
             max_per_user: settings.limits.max_connections_per_user,
             max_topics: settings.limits.max_topics_per_session,
@@ -249,7 +254,8 @@ struct Session<S> {
     registration: Registration,
     identity: Identity,
     user_channel: Arc<str>,
-    /// Reused between batches so a busy session does not allocate per batch.
+    /// Reused between batches (up to [`BATCH_KEPT`] frames) so a busy session does not
+    /// allocate per batch.
     batch: Vec<Outgoing>,
     resume: Resume,
     /// When to replay a pending gap.
@@ -445,7 +451,18 @@ where
 
     /// Writes one control or reply message, bounded by the write timeout.
     async fn write(&mut self, message: Message) -> Result<(), CloseReason> {
-        match timeout(self.ctx.write_timeout, self.ws.send(message)).await {
+        let mut frame = Vec::new();
+        match &message {
+            Message::Text(text) => put_frame(&mut frame, OpCode::Data(Data::Text), text.as_bytes()),
+            Message::Binary(bytes) => put_frame(&mut frame, OpCode::Data(Data::Binary), bytes),
+            _ => {}
+        }
+        let written = if frame.is_empty() {
+            timeout(self.ctx.write_timeout, self.ws.send(message)).await
+        } else {
+            timeout(self.ctx.write_timeout, write_encoded(&mut self.ws, &frame)).await
+        };
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) | Err(_) => Err(CloseReason::WriteFailed),
         }
@@ -472,7 +489,11 @@ where
         let mut batch = std::mem::take(&mut self.batch);
         let result = self.write_frames(&mut batch).await;
         batch.clear();
-        self.batch = batch;
+        // Kept for the next batch, unless a burst or a replay grew it: then it goes, as the
+        // outbox's queue does, so that an idle session holds nothing of its busiest moment.
+        if batch.capacity() <= BATCH_KEPT {
+            self.batch = batch;
+        }
         result
     }
 
@@ -488,19 +509,31 @@ where
         let format = registration.format;
         let count = frames.len();
         let newest_ts = frames.iter().map(|out| out.published_us).max().unwrap_or(0);
+        let chunk = ctx.write_buffer_bytes;
         let write = async {
+            // Gathered into one buffer for this batch, written every `chunk` bytes.
+            let size: usize = frames.iter().map(|out| out.frame.len() + MAX_HEADER).sum();
+            let mut bytes = Vec::with_capacity(size.min(chunk));
             for out in frames.drain(..) {
-                let message = match out.frame {
-                    WireFrame::Text(text) => Message::Text(text),
-                    WireFrame::Binary(bytes) => Message::Binary(bytes),
+                let (opcode, payload): (_, &[u8]) = match &out.frame {
+                    WireFrame::Text(text) => (OpCode::Data(Data::Text), text.as_bytes()),
+                    WireFrame::Binary(payload) => (OpCode::Data(Data::Binary), payload),
                     // pusher-js cannot see WebSocket pings; it answers this one with pusher:pong.
                     WireFrame::Ping if format == Format::Pusher => {
-                        Message::Text(Utf8Bytes::from_static(crate::protocol::pusher::PING))
+                        (OpCode::Data(Data::Text), crate::protocol::pusher::PING.as_bytes())
                     }
-                    WireFrame::Ping => Message::Ping(Bytes::new()),
+                    WireFrame::Ping => (OpCode::Control(Control::Ping), &[]),
                 };
-                ws.feed(message).await?;
+                put_frame(&mut bytes, opcode, payload);
+                if bytes.len() >= chunk {
+                    write_encoded(ws, &bytes).await?;
+                    bytes.clear();
+                }
             }
+            if !bytes.is_empty() {
+                write_encoded(ws, &bytes).await?;
+            }
+            // Sends the rest of a frame fan-out wrote in part, if nothing else did.
             ws.flush().await
         };
         let mut write = std::pin::pin!(write);
@@ -534,6 +567,21 @@ where
         }
         Ok(())
     }
+}
+
+/// Writes whole frames, encoded by the session, past tungstenite's write buffer: that buffer
+/// keeps the capacity of the largest batch it ever held for the connection's life (up to
+/// `session.write_buffer_bytes` and a frame), which a session that once had a replay or a
+/// burst would carry idle from then on. What tungstenite has queued (a pong, a frame the
+/// socket took in part) goes out first, so frames never interleave; `bytes` goes out whole
+/// before the session does anything else.
+async fn write_encoded<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    bytes: &[u8],
+) -> Result<(), WsError> {
+    ws.flush().await?;
+    ws.get_mut().write_all(bytes).await?;
+    Ok(())
 }
 
 /// Sends a close frame (best effort, bounded), then lingers so the client can read it. A
