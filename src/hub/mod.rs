@@ -151,6 +151,8 @@ struct Inner {
     socket_node: u32,
     next_session: AtomicU64,
     next_message: AtomicU64,
+    /// Held while the size gauges are read and set (see [`Hub::record_sizes`]).
+    sizes: parking_lot::Mutex<()>,
     /// Registered once: looking a counter up by name costs a hash per message.
     queued: metrics::Counter,
     /// Frames fan-out wrote itself count as delivered here (the sessions count their own).
@@ -186,6 +188,7 @@ impl Hub {
                 socket_node: fastrand::u32(1..),
                 next_session: AtomicU64::new(1),
                 next_message: AtomicU64::new(1),
+                sizes: parking_lot::Mutex::new(()),
                 queued: metrics::counter!(m::MESSAGES_QUEUED),
                 delivered: metrics::counter!(m::MESSAGES_DELIVERED),
                 latency: metrics::histogram!(m::DELIVERY_LATENCY),
@@ -253,7 +256,12 @@ impl Hub {
         self.record_sizes();
     }
 
+    /// Sets the session and user gauges to the maps' sizes. Read and set under one lock: two
+    /// sessions leaving at once on two threads could otherwise set them out of order and leave
+    /// a count that is already gone (seen: `pushnode_connections` stuck above 0 after every
+    /// session of a 300-session test had left), which the autoscaler would go on reading.
     fn record_sizes(&self) {
+        let _in_order = self.inner.sizes.lock();
         metrics::gauge!(m::CONNECTIONS).set(self.inner.sessions.len() as f64);
         metrics::gauge!(m::USERS).set(self.inner.users.len() as f64);
     }
