@@ -71,8 +71,6 @@ use crate::wire::{MAX_HEADER, Wire, put_frame};
 
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// A session's batch vector keeps its capacity between batches up to this many frames.
-const BATCH_KEPT: usize = 16;
 /// After a broker gap, sessions replay at a random moment within this window, so that a node
 /// with many sessions does not query the inbox for all of them at once.
 const RESYNC_SPREAD: Duration = Duration::from_millis(500);
@@ -254,8 +252,8 @@ struct Session<S> {
     registration: Registration,
     identity: Identity,
     user_channel: Arc<str>,
-    /// Reused between batches (up to [`BATCH_KEPT`] frames) so a busy session does not
-    /// allocate per batch.
+    /// The frames taken from the outbox, until they are written. Allocated per batch and let
+    /// go after it: kept, it would hold the size of the session's largest batch for good.
     batch: Vec<Outgoing>,
     resume: Resume,
     /// When to replay a pending gap.
@@ -487,14 +485,7 @@ where
             self.batch.retain(|out| resume.admit_live(out.persisted, out.generation));
         }
         let mut batch = std::mem::take(&mut self.batch);
-        let result = self.write_frames(&mut batch).await;
-        batch.clear();
-        // Kept for the next batch, unless a burst or a replay grew it: then it goes, as the
-        // outbox's queue does, so that an idle session holds nothing of its busiest moment.
-        if batch.capacity() <= BATCH_KEPT {
-            self.batch = batch;
-        }
-        result
+        self.write_frames(&mut batch).await
     }
 
     /// Writes `frames` with one flush. Gives up on the write timeout, or as soon as fan-out
